@@ -1,0 +1,51 @@
+# Every target builds what it needs on first use: a .venv with the project installed, and the
+# Debian packages the tests and demos read (Fashion-MNIST IDX files, a real Prometheus).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= .cache/demo
+DEB_PACKAGES := dataset-fashion-mnist prometheus
+
+.PHONY: serve test lint demo bench-load bench-kernel bench-accuracy system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (run as root, or apt-get install them)"; fi; \
+	fi
+
+demo: $(VENV)/.installed system-deps
+	$(PY) -m training demo --out $(DEMO_DIR)
+
+serve: demo
+	PIGGYBACK_BACKBONE=$${PIGGYBACK_BACKBONE:-resnet18} \
+	PIGGYBACK_WEIGHTS=$${PIGGYBACK_WEIGHTS:-$(DEMO_DIR)/backbone.pt} \
+	PIGGYBACK_STORE=$${PIGGYBACK_STORE:-$(DEMO_DIR)/store} \
+	$(PY) -m service
+
+test: $(VENV)/.installed system-deps
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+bench-load: demo
+	$(PY) scripts/bench_load.py --weights $(DEMO_DIR)/backbone.pt --store $(DEMO_DIR)/store
+
+bench-kernel: $(VENV)/.installed
+	$(PY) scripts/bench_kernel.py
+
+bench-accuracy: $(VENV)/.installed system-deps
+	$(PY) -m training.benchmark --out docs/accuracy
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,51 @@
+"""Task artifacts for Piggyback masks and their durable, validated file-system store.
+
+Knows nothing of HTTP or training: it defines which backbone layers are masked (and in what
+order), how masks are packed, how artifacts are written and checked, and how the store stays
+consistent across crashes.
+"""
+
+from mask_store.artifact import TaskArtifact, artifact_bytes, load_artifact, make_artifact, read_manifest, save_artifact
+from mask_store.backbone import (
+    BackboneLayout,
+    build_backbone,
+    head_module_name,
+    maskable_layers,
+    replace_head,
+)
+from mask_store.errors import (
+    BackboneMismatch,
+    CorruptArtifact,
+    MaskStoreError,
+    TaskNotFound,
+    UnsupportedArchitecture,
+)
+from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
+from mask_store.preprocess import build_transform
+from mask_store.store import TaskStore, TaskVersionExists
+
+__all__ = [
+    "BackboneLayout",
+    "BackboneMismatch",
+    "CorruptArtifact",
+    "LayerEntry",
+    "Manifest",
+    "MaskSpec",
+    "MaskStoreError",
+    "Preprocess",
+    "TaskArtifact",
+    "TaskNotFound",
+    "TaskStore",
+    "TaskVersionExists",
+    "UnsupportedArchitecture",
+    "artifact_bytes",
+    "build_backbone",
+    "build_transform",
+    "head_module_name",
+    "load_artifact",
+    "make_artifact",
+    "maskable_layers",
+    "read_manifest",
+    "replace_head",
+    "save_artifact",
+]

@@ -1,0 +1,72 @@
+"""Bit packing of masks with bitarray, and the optional compression of the packed bytes.
+
+Layout (the fused kernel relies on it): the masks of all layers are concatenated in canonical
+order, flattened row-major, one bit per weight; bit i lives in byte i // 8 at position i % 8
+(little-endian bit order). A ternary mask {-1, 0, +1} is two such planes: `nonzero` and `negative`.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+from bitarray import bitarray
+from bitarray.util import sc_decode, sc_encode
+
+ENCODINGS = ("raw", "zlib", "sparse")
+
+
+def pack_bits(bits: torch.Tensor | np.ndarray) -> bytes:
+    """Pack a boolean array (any shape, flattened row-major) into ceil(n / 8) bytes, little-endian bits."""
+    flat = np.ascontiguousarray(np.asarray(bits, dtype=bool).reshape(-1))
+    packed = bitarray(endian="little")
+    packed.pack(flat.view(np.uint8).tobytes())
+    return packed.tobytes()
+
+
+def unpack_bits(data: bytes, count: int) -> np.ndarray:
+    """Inverse of `pack_bits`: the first `count` bits of `data` as a bool array."""
+    if len(data) * 8 < count:
+        raise ValueError(f"{len(data)} bytes hold {len(data) * 8} bits, fewer than the {count} needed")
+    packed = bitarray(endian="little")
+    packed.frombytes(bytes(data))
+    return np.frombuffer(packed[:count].unpack(), dtype=bool)
+
+
+def encode(packed: bytes, count: int, encoding: str) -> bytes:
+    """Compress packed bits: 'raw' as is, 'zlib', or 'sparse' (bitarray's own sparse compression)."""
+    if encoding == "raw":
+        return packed
+    if encoding == "zlib":
+        return zlib.compress(packed, level=9)
+    if encoding == "sparse":
+        bits = bitarray(endian="little")
+        bits.frombytes(packed)
+        return sc_encode(bits[:count])
+    raise ValueError(f"unknown mask encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+def decode(stored: bytes, count: int, encoding: str) -> bytes:
+    """Inverse of `encode`: the raw packed bytes (ceil(count / 8) of them)."""
+    if encoding == "raw":
+        packed = bytes(stored)
+    elif encoding == "zlib":
+        packed = zlib.decompress(bytes(stored))
+    elif encoding == "sparse":
+        bits = sc_decode(bytes(stored))
+        if len(bits) != count:
+            raise ValueError(f"sparse mask decodes to {len(bits)} bits, expected {count}")
+        bits = bitarray(bits, endian="little")
+        packed = bits.tobytes()
+    else:
+        raise ValueError(f"unknown mask encoding {encoding!r}; expected one of {ENCODINGS}")
+    if len(packed) != (count + 7) // 8:
+        raise ValueError(f"mask decodes to {len(packed)} bytes, expected {(count + 7) // 8}")
+    return packed
+
+
+def smallest_encoding(packed: bytes, count: int) -> tuple[str, bytes]:
+    """The encoding that stores these bits in the fewest bytes (raw wins ties)."""
+    candidates = [(name, encode(packed, count, name)) for name in ENCODINGS]
+    return min(candidates, key=lambda item: (len(item[1]), ENCODINGS.index(item[0])))

@@ -1,0 +1,23 @@
+"""The image → tensor transform a task was trained with; training and serving both build it from here."""
+
+from __future__ import annotations
+
+from PIL import Image
+from torchvision import transforms
+
+from mask_store.manifest import Preprocess
+
+
+def build_transform(spec: Preprocess) -> transforms.Compose:
+    """PIL image → normalized float tensor [3, size, size], exactly as the task saw it in training."""
+    mode = "L" if spec.grayscale else "RGB"
+    steps = [
+        transforms.Lambda(lambda image: image if image.mode == mode else image.convert(mode)),
+        transforms.Resize((spec.size, spec.size), interpolation=transforms.InterpolationMode.BILINEAR),
+    ]
+    if spec.grayscale:
+        steps.append(transforms.Grayscale(num_output_channels=3))
+    steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    return transforms.Compose(steps)
+
+

@@ -1,0 +1,119 @@
+"""`python -m training ...`: train a task mask, build the demo store, export offline data as ImageFolder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from torchvision import transforms
+
+from mask_store import BackboneLayout, Preprocess, build_backbone, build_transform, save_artifact
+from training.data import class_counts, image_folder
+from training.export import export_artifact
+from training.masking import MaskConfig
+from training.trainer import TrainConfig, train_task
+
+AUGMENTATIONS = ("none", "flip", "crop-flip")
+
+
+def augmentations(name: str, size: int) -> list:
+    """PIL-level augmentations applied before the task's own transform, training only."""
+    flip = [transforms.RandomHorizontalFlip()]
+    return {"none": [], "flip": flip, "crop-flip": [transforms.RandomResizedCrop(size, scale=(0.6, 1.0)), *flip]}[name]
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="learn a task mask over a frozen backbone and write its artifact")
+    p.add_argument("--backbone", required=True, help="torchvision architecture name, e.g. resnet18")
+    p.add_argument("--weights", required=True, help="state_dict file, or a torchvision weights name (needs internet)")
+    p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/ and val/")
+    p.add_argument("--task", required=True, help="task name (letters, digits, . _ -)")
+    p.add_argument("--out", required=True, type=Path, help="artifact file to write")
+    p.add_argument("--version", type=int, default=None, help="task version (default: current unix time)")
+    p.add_argument("--method", choices=("piggyback", "mixed"), default="piggyback")
+    p.add_argument("--finetune-layers", default="", help="mixed: comma-separated layer names to fine-tune")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr-decay-every", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr-scores", type=float, default=1e-4)
+    p.add_argument("--lr-head", type=float, default=1e-3)
+    p.add_argument("--per-task-bn", action="store_true", help="learn BatchNorm per task (else frozen)")
+    p.add_argument("--ternary", action="store_true", help="masks in {-1, 0, +1} (2 bit planes)")
+    p.add_argument("--mask-init", choices=("constant", "uniform"), default="constant")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--grayscale", action="store_true", help="inputs are grayscale (replicated to 3 channels)")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="flip")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--register", metavar="URL", help="upload the artifact to a running server when done")
+    p.add_argument("--token", help="admin token for --register")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.register and not args.token:
+        sys.exit("--register needs --token")
+    preprocess = Preprocess(size=args.image_size, grayscale=args.grayscale)
+    backbone = build_backbone(args.backbone, args.weights)
+    layout = BackboneLayout.from_model(args.backbone, backbone)
+    train_set, val_set = image_folder(args.data, "train", preprocess), image_folder(args.data, "val", preprocess)
+    if train_set.classes != val_set.classes:
+        sys.exit(f"train classes {train_set.classes} differ from val classes {val_set.classes}")
+    train_set.transform = transforms.Compose([*augmentations(args.augment, args.image_size), build_transform(preprocess)])
+    print(f"{len(train_set)} training images, {len(val_set)} validation images, classes: "
+          + ", ".join(f"{c}={n}" for c, n in zip(train_set.classes, class_counts(train_set), strict=True)))
+    config = TrainConfig(
+        method=args.method,
+        epochs=args.epochs,
+        lr_decay_every=args.lr_decay_every,
+        batch_size=args.batch_size,
+        lr_scores=args.lr_scores,
+        lr_head=args.lr_head,
+        per_task_bn=args.per_task_bn,
+        finetune_layers=tuple(n for n in args.finetune_layers.split(",") if n),
+        mask=MaskConfig(kind="ternary" if args.ternary else "binary", init=args.mask_init),
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = train_task(backbone, train_set, val_set, len(train_set.classes), config)
+    artifact = export_artifact(
+        result, layout, task=args.task, version=args.version or int(time.time()),
+        labels=list(train_set.classes), preprocess=preprocess,
+    )
+    save_artifact(artifact, args.out)
+    m = artifact.manifest
+    print(f"validation accuracy {result.val_accuracy:.4f}; wrote {args.out} ({args.out.stat().st_size} bytes): "
+          f"{m.mask.numel} masked parameters, {m.bits_per_param:.3f} bits/parameter ({m.mask.encoding}), "
+          f"density {m.density:.3f}")
+    if args.register:
+        from training.register import register_artifact
+
+        print(register_artifact(args.out, args.register, args.token))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    demo = sub.add_parser("demo", help="build the embedded default: a backbone and demo tasks (cached)")
+    demo.add_argument("--out", type=Path, default=Path(".cache/demo"))
+    export = sub.add_parser("export-imagefolder", help="write an offline data set as an ImageFolder of PNGs")
+    export.add_argument("--dataset", choices=("mnist5k", "digits", "fashion"), required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--limit", type=int, default=None, help="at most this many images in all")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "demo":
+        from training.demo import build_demo
+
+        build_demo(args.out)
+        return 0
+    from training.demo import export_offline_imagefolder
+
+    export_offline_imagefolder(args.dataset, args.out, args.limit)
+    return 0
