@@ -31,7 +31,7 @@ TASK_PREFIX = "task."
 
 
 def _sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:

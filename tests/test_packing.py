@@ -1,0 +1,30 @@
+"""Bit packing: bit-exact on odd sizes, against numpy's packbits as an independent reference."""
+
+import numpy as np
+import pytest
+
+from mask_store import packing
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 63, 1001, 65537])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 0.97, 1.0])
+def test_pack_unpack_round_trip_and_layout(count, density):
+    bits = np.random.default_rng(count).random(count) < density
+    packed = packing.pack_bits(bits)
+    assert packed == np.packbits(bits, bitorder="little").tobytes()  # bit i -> byte i//8, position i%8
+    assert len(packed) == (count + 7) // 8
+    assert np.array_equal(packing.unpack_bits(packed, count), bits)
+    for encoding in packing.ENCODINGS:
+        stored = packing.encode(packed, count, encoding)
+        assert packing.decode(stored, count, encoding) == packed
+
+
+def test_smallest_encoding_compresses_dense_masks():
+    bits = np.random.default_rng(0).random(100_000) < 0.99
+    encoding, stored = packing.smallest_encoding(packing.pack_bits(bits), bits.size)
+    assert encoding != "raw" and len(stored) < bits.size / 8 / 2
+
+
+def test_unpack_refuses_short_data():
+    with pytest.raises(ValueError):
+        packing.unpack_bits(b"\x00", 9)
