@@ -186,12 +186,12 @@ def _parse_manifest(metadata: dict[str, str] | None) -> Manifest:
         raise CorruptArtifact(f"artifact manifest is invalid: {exc}") from exc
 
 
-def load_artifact(path: str | Path) -> TaskArtifact:
+def load_artifact(path: str | Path, display_name: str | None = None) -> TaskArtifact:
     """Read and fully validate an artifact: manifest schema, key set, every checksum, plane sizes.
 
     Raises CorruptArtifact for anything truncated, garbage, tampered or self-contradictory.
     """
-    name = Path(path).name
+    name = display_name or Path(path).name
     try:
         with safe_open(str(path), framework="pt") as handle:
             manifest = _parse_manifest(handle.metadata())

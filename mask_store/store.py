@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class TaskStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         for stale in self.root.glob(".*"):  # temp files and trash left by a crash
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
@@ -80,19 +82,20 @@ class TaskStore:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            artifact = load_artifact(tmp)
+            artifact = load_artifact(tmp, display_name="uploaded artifact")
             if layout is not None:
                 artifact.check_backbone(layout)
             name, version = artifact.manifest.task, artifact.manifest.version
-            if version in self.versions(name):
-                raise TaskVersionExists(
-                    f"task {name!r} already has version {version}; train or upload it with a higher --version"
-                )
-            final = self._path(name, version)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-            fsync_dir(self.root)
+            with self._lock:  # two uploads of the same version: exactly one wins
+                if version in self.versions(name):
+                    raise TaskVersionExists(
+                        f"task {name!r} already has version {version}; train or upload it with a higher --version"
+                    )
+                final = self._path(name, version)
+                final.parent.mkdir(exist_ok=True)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                fsync_dir(self.root)
             return artifact
         finally:
             tmp.unlink(missing_ok=True)

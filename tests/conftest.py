@@ -62,3 +62,22 @@ def resnet18():
 @pytest.fixture(scope="session")
 def resnet18_layout(resnet18):
     return BackboneLayout.from_model("resnet18", resnet18)
+
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory, resnet18):
+    path = tmp_path_factory.mktemp("backbone") / "resnet18.pt"
+    torch.save(resnet18.state_dict(), path)
+    return path
+
+
+def server_settings(backbone_file, store, **overrides):
+    from service.settings import Settings
+
+    values = dict(backbone="resnet18", weights=str(backbone_file), store=store, admin_token=ADMIN_TOKEN,
+                  max_batch_delay_ms=2.0)
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""The Piggyback model server: FastAPI routes, engine, batcher, mask-apply kernels, metrics."""

@@ -1,0 +1,93 @@
+"""Service-side domain errors, and the one place where every domain error becomes an HTTP status."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mask_store import BackboneMismatch, CorruptArtifact, TaskNotFound, TaskVersionExists
+
+
+class ServiceError(Exception):
+    status_code = 500
+
+
+class InvalidImage(ServiceError):
+    """Decodes as an image format but is damaged (truncated, bad header)."""
+
+    status_code = 400
+
+
+class NotAnImage(ServiceError):
+    """Not a supported image format at all."""
+
+    status_code = 415
+
+
+class PayloadTooLarge(ServiceError):
+    """Too many bytes, pixels or images."""
+
+    status_code = 413
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+
+
+class NotReady(ServiceError):
+    status_code = 503
+
+
+class AdminDisabled(ServiceError):
+    status_code = 403
+
+
+STATUS_BY_ERROR: dict[type[Exception], int] = {
+    TaskNotFound: 404,
+    CorruptArtifact: 422,
+    BackboneMismatch: 422,
+    TaskVersionExists: 409,
+}
+
+
+def status_for(exc: Exception) -> int:
+    """The HTTP status an exception becomes (500 for anything not a known client error)."""
+    if isinstance(exc, ServiceError | StarletteHTTPException):
+        return exc.status_code
+    return next((status for error, status in STATUS_BY_ERROR.items() if isinstance(exc, error)), 500)
+
+
+def error_kind(exc: Exception) -> str:
+    """A bounded label for metrics: the error's class name."""
+    return type(exc).__name__
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, status: int, detail: str, kind: str, headers=None) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.errors.labels(kind=kind).inc()
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return respond(request, exc.status_code, str(exc.detail), f"HTTP{exc.status_code}", exc.headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return respond(request, exc.status_code, str(exc), error_kind(exc))
+
+    for error, status in STATUS_BY_ERROR.items():
+        app.add_exception_handler(
+            error, lambda request, exc, status=status: respond(request, status, str(exc), error_kind(exc))
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}")
+        return respond(request, 422, "invalid request: " + "; ".join(parts), "RequestValidationError")

@@ -1,0 +1,37 @@
+"""Admin routes: hot-register and unregister tasks. Bearer token required."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Response, UploadFile, status
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import AdminDep, EngineDep, SettingsDep
+from service.errors import BadRequest, PayloadTooLarge
+from service.schemas import TaskInfo
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+
+@router.post("/tasks", status_code=status.HTTP_201_CREATED, response_model=TaskInfo)
+async def register_task(
+    artifact: Annotated[UploadFile, File(description="a task artifact written by `python -m training train`")],
+    engine: EngineDep,
+    settings: SettingsDep,
+) -> TaskInfo:
+    data = await artifact.read(settings.max_artifact_bytes + 1)
+    if len(data) > settings.max_artifact_bytes:
+        raise PayloadTooLarge(f"artifact larger than {settings.max_artifact_bytes} bytes")
+    if not data:
+        raise BadRequest("empty artifact upload; send the file in the 'artifact' field")
+    # validation, hashing and fsync are slow: off the event loop. In-flight requests keep the
+    # LoadedTask they resolved, so swapping the registry entry never disturbs a running batch.
+    task = await run_in_threadpool(engine.register, data)
+    return TaskInfo.from_manifest(task.manifest)
+
+
+@router.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT)
+async def unregister_task(name: str, engine: EngineDep) -> Response:
+    await run_in_threadpool(engine.unregister, name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,69 @@
+"""Response schemas of the HTTP API (requests are multipart uploads)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from mask_store.manifest import Manifest, Preprocess
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class Prediction(ScoredLabel):
+    top_k: list[ScoredLabel]
+
+
+class PredictResponse(BaseModel):
+    task: str
+    version: int
+    predictions: list[Prediction]
+
+
+class BackboneInfo(BaseModel):
+    arch: str
+    fingerprint: str
+
+
+class TaskInfo(BaseModel):
+    name: str
+    version: int
+    labels: list[str]
+    num_classes: int
+    backbone: BackboneInfo
+    mask_kind: str
+    masked_parameters: int
+    bits_per_parameter: float
+    mask_density: float
+    mask_stored_bytes: int
+    task_tensor_count: int
+    preprocess: Preprocess
+    training: dict
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> TaskInfo:
+        return cls(
+            name=manifest.task,
+            version=manifest.version,
+            labels=list(manifest.labels),
+            num_classes=len(manifest.labels),
+            backbone=BackboneInfo(arch=manifest.backbone.arch, fingerprint=manifest.backbone.fingerprint),
+            mask_kind=manifest.mask.kind,
+            masked_parameters=manifest.mask.numel,
+            bits_per_parameter=manifest.bits_per_param,
+            mask_density=manifest.density,
+            mask_stored_bytes=manifest.mask.stored_bytes,
+            task_tensor_count=len(manifest.task_tensors),
+            preprocess=manifest.preprocess,
+            training=manifest.training,
+        )
+
+
+
+
+class Health(BaseModel):
+    status: str
+    detail: str = ""

@@ -1,0 +1,51 @@
+"""The server's one settings class: every `PIGGYBACK_*` environment variable, validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIGGYBACK_", frozen=True)
+
+    backbone: str = Field("resnet18", description="torchvision architecture of the shared backbone")
+    weights: str | None = Field(None, description="backbone state_dict file, or a torchvision weights name")
+    store: Path = Field(Path(".cache/demo/store"), description="task store directory")
+    admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset disables admin")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="backbone dtype on device")
+    kernel: Literal["auto", "torch", "cpu", "triton"] = Field("auto", description="mask-apply implementation")
+    cache_budget_mb: float = Field(1024, ge=0, description="materialized task weights kept; 0 = apply per request")
+    max_batch_size: int = Field(32, ge=1, description="images per forward pass")
+    max_batch_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for batch-mates")
+    max_images_per_request: int = Field(16, ge=1)
+    max_image_bytes: int = Field(8 * MIB, ge=1)
+    max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard (width * height)")
+    max_request_bytes: int = Field(64 * MIB, ge=1)
+    max_artifact_bytes: int = Field(1024 * MIB, ge=1)
+    warmup: bool = True
+    log_level: str = "info"
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_strong_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("PIGGYBACK_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return token or None
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("PIGGYBACK_DEVICE=cuda but no CUDA device is available")
+        return self.device
