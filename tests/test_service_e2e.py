@@ -1,0 +1,75 @@
+"""End to end: the real server process, an artifact from the training CLI registered with --register."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mask_store import build_backbone, load_artifact, replace_head
+from tests.conftest import ADMIN_TOKEN
+from tests.reference_model import dedicated_network, expected_probabilities
+from tests.servers import free_port, wait_ready
+from training.data import sklearn_digits, stratified_split, write_image_folder
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    model = build_backbone("resnet18")
+    replace_head(model, 10)
+    torch.save(model.state_dict(), tmp_path / "bb.pt")
+    port = free_port()
+    env = {**os.environ, "PIGGYBACK_BACKBONE": "resnet18", "PIGGYBACK_WEIGHTS": str(tmp_path / "bb.pt"),
+           "PIGGYBACK_STORE": str(tmp_path / "store"), "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
+           "PIGGYBACK_PORT": str(port), "PIGGYBACK_HOST": "127.0.0.1", "PIGGYBACK_DEVICE": "cpu"}
+    process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process=process)
+        yield base, tmp_path, model
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+        # graceful shutdown on SIGTERM (uvicorn re-raises the signal once it has shut down cleanly)
+        assert process.returncode in (0, -15) and "Application shutdown complete" in output, output
+
+
+def test_cli_artifact_registered_live_answers_like_a_dedicated_network(server_process):
+    base, tmp_path, backbone = server_process
+    assert httpx.get(f"{base}/tasks").json() == []
+    ds = sklearn_digits()
+    train, val = stratified_split(ds.subset(np.random.default_rng(1).permutation(len(ds))[:300]), 0.3, seed=0)
+    write_image_folder(train, tmp_path / "data", "train")
+    write_image_folder(val, tmp_path / "data", "val")
+    out = tmp_path / "digits.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-m", "training", "train", "--backbone", "resnet18", "--weights", str(tmp_path / "bb.pt"),
+         "--data", str(tmp_path / "data"), "--task", "digits", "--out", str(out), "--epochs", "1",
+         "--image-size", "16", "--grayscale", "--per-task-bn", "--no-progress",
+         "--register", base, "--token", ADMIN_TOKEN],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "registered task digits" in run.stdout
+
+    pngs = sorted((tmp_path / "data" / "val").rglob("*.png"))[:6]
+    response = httpx.post(f"{base}/tasks/digits/predict", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in pngs],
+                          params={"top_k": 10}, timeout=60)
+    assert response.status_code == 200, response.text
+    artifact = load_artifact(out)
+    expected = expected_probabilities(dedicated_network(backbone, artifact), artifact,
+                                      [Image.open(io.BytesIO(p.read_bytes())) for p in pngs])
+    for prediction, row in zip(response.json()["predictions"], expected, strict=True):
+        got = torch.zeros(10)
+        for item in prediction["top_k"]:
+            got[item["index"]] = item["score"]
+        torch.testing.assert_close(got, row, rtol=1e-4, atol=1e-5)
+        assert prediction["label"] == artifact.manifest.labels[int(row.argmax())]
