@@ -37,9 +37,11 @@ class Settings(BaseSettings):
     @field_validator("admin_token")
     @classmethod
     def _token_strong_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and len(token.get_secret_value()) < 16:
+        if token is None or not token.get_secret_value():
+            return None  # unset or empty: admin routes disabled
+        if len(token.get_secret_value()) < 16:
             raise ValueError("PIGGYBACK_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
-        return token or None
+        return token
 
     def resolved_device(self) -> str:
         import torch

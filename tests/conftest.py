@@ -7,12 +7,11 @@ import hashlib
 import pytest
 import torch
 
-from mask_store import BackboneLayout, Preprocess, build_backbone, make_artifact
-from mask_store.backbone import maskable_layers
+from mask_store import BackboneLayout, build_backbone
+from mask_store.synthetic import SMALL_GRAY as TINY_PREPROCESS
+from mask_store.synthetic import random_task_artifact  # noqa: F401  (re-exported for the tests)
 
 torch.set_num_threads(2)
-
-TINY_PREPROCESS = Preprocess(size=16, grayscale=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def state_hash(model: torch.nn.Module) -> str:
@@ -22,35 +21,6 @@ def state_hash(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def random_task_artifact(model, arch, *, task="t", version=1, labels=("a", "b", "c"), kind="binary",
-                         density=0.7, seed=0, per_task_bn=True):
-    """An artifact with random masks, a random head and (optionally) random BN: no training needed."""
-    generator = torch.Generator().manual_seed(seed)
-    layout = BackboneLayout.from_model(arch, model)
-    masks = {}
-    for name, module in maskable_layers(model):
-        keep = (torch.rand(module.weight.shape, generator=generator) < density).float()
-        if kind == "ternary":
-            keep = keep * torch.where(torch.rand(module.weight.shape, generator=generator) < 0.2, -1.0, 1.0)
-        masks[name] = keep
-    state = model.state_dict()
-    head = layout.head
-    tensors = {
-        f"{head}.weight": torch.randn(len(labels), state[f"{head}.weight"].shape[1], generator=generator),
-        f"{head}.bias": torch.randn(len(labels), generator=generator),
-    }
-    if per_task_bn:
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                tensors[f"{name}.weight"] = 1 + 0.1 * torch.randn(n, generator=generator)
-                tensors[f"{name}.bias"] = 0.1 * torch.randn(n, generator=generator)
-                tensors[f"{name}.running_mean"] = 0.1 * torch.randn(n, generator=generator)
-                tensors[f"{name}.running_var"] = 1 + 0.1 * torch.rand(n, generator=generator)
-    return make_artifact(layout=layout, masks=masks, kind=kind, threshold=5e-3, task=task, version=version,
-                         labels=list(labels), task_tensors=tensors, preprocess=TINY_PREPROCESS)
 
 
 @pytest.fixture(scope="session")

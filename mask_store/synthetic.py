@@ -1,0 +1,45 @@
+"""Random task artifacts over a real backbone: for tests and benchmarks, where serving cost and
+correctness do not depend on the masks having been learned."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mask_store.artifact import TaskArtifact, make_artifact
+from mask_store.backbone import BackboneLayout, maskable_layers
+from mask_store.manifest import Preprocess
+
+SMALL_GRAY = Preprocess(size=16, grayscale=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def random_task_artifact(
+    model: nn.Module, arch: str, *, task: str = "t", version: int = 1, labels=("a", "b", "c"),
+    kind: str = "binary", density: float = 0.7, seed: int = 0, per_task_bn: bool = True,
+    preprocess: Preprocess = SMALL_GRAY, layout: BackboneLayout | None = None,
+) -> TaskArtifact:
+    """Masks keeping `density` of the weights at random (ternary: 20% of kept ones negated),
+    a random head, and random per-task BatchNorm parameters and statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    layout = layout or BackboneLayout.from_model(arch, model)
+    masks = {}
+    for name, module in maskable_layers(model):
+        keep = (torch.rand(module.weight.shape, generator=generator) < density).float()
+        if kind == "ternary":
+            keep = keep * torch.where(torch.rand(module.weight.shape, generator=generator) < 0.2, -1.0, 1.0)
+        masks[name] = keep
+    in_features = layout.state_shapes[f"{layout.head}.weight"][1]
+    tensors = {
+        f"{layout.head}.weight": torch.randn(len(labels), in_features, generator=generator),
+        f"{layout.head}.bias": torch.randn(len(labels), generator=generator),
+    }
+    if per_task_bn:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                tensors[f"{name}.weight"] = 1 + 0.1 * torch.randn(n, generator=generator)
+                tensors[f"{name}.bias"] = 0.1 * torch.randn(n, generator=generator)
+                tensors[f"{name}.running_mean"] = 0.1 * torch.randn(n, generator=generator)
+                tensors[f"{name}.running_var"] = 1 + 0.1 * torch.rand(n, generator=generator)
+    return make_artifact(layout=layout, masks=masks, kind=kind, threshold=5e-3, task=task, version=version,
+                         labels=list(labels), task_tensors=tensors, preprocess=preprocess)
