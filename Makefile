@@ -42,7 +42,7 @@ bench-load: demo
 	$(PY) scripts/bench_load.py --weights $(DEMO_DIR)/backbone.pt --store $(DEMO_DIR)/store
 
 bench-kernel: $(VENV)/.installed
-	$(PY) scripts/bench_kernel.py
+	$(PY) -m service.kernels.benchmark
 
 bench-accuracy: $(VENV)/.installed system-deps
 	$(PY) -m training.benchmark --out docs/accuracy

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
-import pytest
 import torch
 
-from mask_store import BackboneLayout, build_backbone
-from mask_store.synthetic import SMALL_GRAY as TINY_PREPROCESS
-from mask_store.synthetic import random_task_artifact  # noqa: F401  (re-exported for the tests)
+if not torch.cuda.is_available():
+    # Run Triton kernels on the CPU through Triton's interpreter. Must precede the first import of
+    # triton (torchvision imports it), because @triton.jit picks interpreter or compiler on import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mask_store import BackboneLayout, build_backbone  # noqa: E402
+from mask_store.synthetic import SMALL_GRAY as TINY_PREPROCESS  # noqa: E402
+from mask_store.synthetic import random_task_artifact  # noqa: E402, F401  (re-exported for the tests)
 
 torch.set_num_threads(2)
 

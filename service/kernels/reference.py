@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+# The fast paths work on the weights' bit patterns: keep = AND all-ones, drop = +0.0, negate = XOR sign bit.
+BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def unpack_plane(plane: torch.Tensor, count: int) -> torch.Tensor:
@@ -36,7 +38,13 @@ def apply_masks_reference(
 
 
 def apply_masks_naive_per_layer(
-    layer_weights: list[torch.Tensor], layer_masks: list[torch.Tensor]
+    layer_weights: list[torch.Tensor], nonzero: torch.Tensor, offsets: list[int]
 ) -> list[torch.Tensor]:
-    """What a straightforward server does: per layer, unpack the mask to a tensor and multiply."""
-    return [w * m.to(w.dtype) for w, m in zip(layer_weights, layer_masks, strict=True)]
+    """What a straightforward server does: per layer, unpack its bits to a bool tensor, then multiply.
+    The benchmark's baseline (binary masks only)."""
+    results = []
+    for weight, offset in zip(layer_weights, offsets, strict=True):
+        first, last = offset // 8, (offset + weight.numel() + 7) // 8 + 1
+        bits = unpack_plane(nonzero[first:last], (last - first) * 8)[offset % 8 : offset % 8 + weight.numel()]
+        results.append(weight * bits.view(weight.shape).to(weight.dtype))
+    return results
