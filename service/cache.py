@@ -30,6 +30,10 @@ class TaskWeightCache:
         with self._lock:
             return key in self._entries
 
+    def will_keep(self, nbytes: int) -> bool:
+        """Whether a buffer of this size would be cached (else the caller may reuse scratch memory)."""
+        return nbytes <= self.budget_bytes
+
     def get_or_create(self, key: Hashable, create: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached buffer for `key`, or `create()` (kept if it fits in the budget)."""
         with self._lock:
@@ -40,7 +44,7 @@ class TaskWeightCache:
         self.on_event("miss")
         buffer = create()
         size = buffer.numel() * buffer.element_size()
-        if size > self.budget_bytes:
+        if not self.will_keep(size):
             return buffer
         with self._lock:
             while self._entries and sum(t.numel() * t.element_size() for t in self._entries.values()) + size > self.budget_bytes:

@@ -56,6 +56,9 @@ class Engine:
         self.flat_weights = self._pack_maskable_weights()
         self.kernel_name, self._mask_apply = select_mask_apply(self.device, settings.kernel)
         self.cache = TaskWeightCache(int(settings.cache_budget_mb * 1024 * 1024), metrics.cache_event)
+        # Uncacheable task weights are written here: reused by every forward (one inference thread),
+        # so budget 0 costs the apply itself, not a fresh allocation and its page faults per batch.
+        self._scratch: torch.Tensor | None = None
         self.store = TaskStore(settings.store)
         self._tasks: dict[str, LoadedTask] = {}
         self._lock = threading.Lock()
@@ -138,7 +141,13 @@ class Engine:
 
         def apply() -> torch.Tensor:
             started = time.perf_counter()
-            out = torch.empty_like(self.flat_weights)
+            nbytes = self.flat_weights.numel() * self.flat_weights.element_size()
+            if self.cache.will_keep(nbytes):
+                out = torch.empty_like(self.flat_weights)
+            else:
+                if self._scratch is None:
+                    self._scratch = torch.empty_like(self.flat_weights)
+                out = self._scratch
             self._mask_apply(self.flat_weights, task.nonzero, task.negative, out)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

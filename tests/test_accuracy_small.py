@@ -1,0 +1,24 @@
+"""The paper's central claim, small enough for CI: on a shifted task, Piggyback clearly beats
+training only a new classifier on the same frozen backbone (benchmark preset `ci`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.benchmark import PRESETS, run
+
+
+@pytest.mark.slow
+def test_piggyback_beats_classifier_only_on_a_shifted_task(tmp_path):
+    report = run(PRESETS["ci"], tmp_path)
+    accuracy = {(r["task"], r["method"]): r["accuracy"] for r in report["rows"]}
+    assert report["backbone_accuracy"] > 0.5  # the backbone really learned Fashion-MNIST (chance 0.1)
+    piggyback, classifier = accuracy[("mnist-inverted", "piggyback+bn")], accuracy[("mnist-inverted", "classifier")]
+    assert piggyback > classifier + 0.10, (piggyback, classifier)
+    assert all(report["order_check"]["bit_identical"].values()), report["order_check"]
+    row = next(r for r in report["rows"] if r["method"] == "piggyback+bn")
+    assert row["bits_per_param"] <= 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == report["rows"]
+    assert (tmp_path / "masked_out_per_layer.png").stat().st_size > 10_000
