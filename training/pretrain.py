@@ -22,7 +22,8 @@ def pretrain_backbone(
     model = build_backbone(arch)
     replace_head(model, num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                        drop_last=len(train_set) > batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()

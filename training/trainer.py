@@ -123,7 +123,9 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset, config: TrainConfig
         module.reset_running_stats()
         module.momentum = None  # cumulative average over the whole pass
     model.train()
-    for images, _ in DataLoader(dataset, batch_size=config.batch_size * 4, num_workers=config.num_workers):
+    batch_size = config.batch_size * 4
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=config.num_workers, drop_last=len(dataset) > batch_size)
+    for images, _ in loader:
         model(images.to(config.device))
     for module, momentum in zip(bns, saved, strict=True):
         module.momentum = momentum
@@ -136,9 +138,9 @@ def train_task(backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_cl
     model = prepare_model(backbone, num_classes, config).to(config.device)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_every, gamma=0.1)
-    loader = DataLoader(
+    loader = DataLoader(  # drop_last: a final batch of one image breaks BatchNorm in train mode
         train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=torch.Generator().manual_seed(config.seed), drop_last=len(train_set) > config.batch_size,
     )
     loss_fn = nn.CrossEntropyLoss()
     history, started = [], time.perf_counter()
