@@ -33,6 +33,7 @@ serve: demo
 	$(PY) -m service
 
 test: $(VENV)/.installed system-deps
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed

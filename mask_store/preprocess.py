@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from PIL import Image
 from torchvision import transforms
 
 from mask_store.manifest import Preprocess
@@ -19,5 +18,3 @@ def build_transform(spec: Preprocess) -> transforms.Compose:
         steps.append(transforms.Grayscale(num_output_channels=3))
     steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
     return transforms.Compose(steps)
-
-

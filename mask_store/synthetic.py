@@ -14,9 +14,18 @@ SMALL_GRAY = Preprocess(size=16, grayscale=True, mean=(0.5, 0.5, 0.5), std=(0.5,
 
 
 def random_task_artifact(
-    model: nn.Module, arch: str, *, task: str = "t", version: int = 1, labels=("a", "b", "c"),
-    kind: str = "binary", density: float = 0.7, seed: int = 0, per_task_bn: bool = True,
-    preprocess: Preprocess = SMALL_GRAY, layout: BackboneLayout | None = None,
+    model: nn.Module,
+    arch: str,
+    *,
+    task: str = "t",
+    version: int = 1,
+    labels=("a", "b", "c"),
+    kind: str = "binary",
+    density: float = 0.7,
+    seed: int = 0,
+    per_task_bn: bool = True,
+    preprocess: Preprocess = SMALL_GRAY,
+    layout: BackboneLayout | None = None,
 ) -> TaskArtifact:
     """Masks keeping `density` of the weights at random (ternary: 20% of kept ones negated),
     a random head, and random per-task BatchNorm parameters and statistics."""
@@ -41,5 +50,14 @@ def random_task_artifact(
                 tensors[f"{name}.bias"] = 0.1 * torch.randn(n, generator=generator)
                 tensors[f"{name}.running_mean"] = 0.1 * torch.randn(n, generator=generator)
                 tensors[f"{name}.running_var"] = 1 + 0.1 * torch.rand(n, generator=generator)
-    return make_artifact(layout=layout, masks=masks, kind=kind, threshold=5e-3, task=task, version=version,
-                         labels=list(labels), task_tensors=tensors, preprocess=preprocess)
+    return make_artifact(
+        layout=layout,
+        masks=masks,
+        kind=kind,
+        threshold=5e-3,
+        task=task,
+        version=version,
+        labels=list(labels),
+        task_tensors=tensors,
+        preprocess=preprocess,
+    )

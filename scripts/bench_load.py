@@ -44,7 +44,9 @@ async def drive(base: str, tasks: list[str], concurrency: int, seconds: float, i
                 task = tasks[i % len(tasks)]
                 i += concurrency
                 started = time.perf_counter()
-                response = await http.post(f"{base}/tasks/{task}/predict", files=[("images", ("i.png", image, "image/png"))])
+                response = await http.post(
+                    f"{base}/tasks/{task}/predict", files=[("images", ("i.png", image, "image/png"))]
+                )
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
                 else:
@@ -71,7 +73,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--cache-mb", type=float, default=1024, help="server's task-weight cache; 0 = apply per request")
+    parser.add_argument(
+        "--cache-mb", type=float, default=1024, help="server's task-weight cache; 0 = apply per request"
+    )
     parser.add_argument("--kernel", default="auto")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -80,15 +84,34 @@ def main() -> int:
     layout = BackboneLayout.from_model(args.backbone, backbone)
     preprocess = Preprocess(size=args.image_size, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
     names = [f"task{i:02d}" for i in range(args.tasks)]
-    artifacts = [random_task_artifact(backbone, args.backbone, task=n, seed=i, density=0.9, preprocess=preprocess,
-                                      layout=layout, labels=tuple("abcdefghij")) for i, n in enumerate(names)]
+    artifacts = [
+        random_task_artifact(
+            backbone,
+            args.backbone,
+            task=n,
+            seed=i,
+            density=0.9,
+            preprocess=preprocess,
+            layout=layout,
+            labels=tuple("abcdefghij"),
+        )
+        for i, n in enumerate(names)
+    ]
     image = png_bytes(seed=0, size=args.image_size)
     with tempfile.TemporaryDirectory() as store:
         port = free_port()
-        env = {**os.environ, "PIGGYBACK_BACKBONE": args.backbone, "PIGGYBACK_WEIGHTS": args.weights,
-               "PIGGYBACK_STORE": store, "PIGGYBACK_ADMIN_TOKEN": TOKEN, "PIGGYBACK_PORT": str(port),
-               "PIGGYBACK_CACHE_BUDGET_MB": str(args.cache_mb), "PIGGYBACK_KERNEL": args.kernel,
-               "PIGGYBACK_DEVICE": args.device, "PIGGYBACK_LOG_LEVEL": "warning"}
+        env = {
+            **os.environ,
+            "PIGGYBACK_BACKBONE": args.backbone,
+            "PIGGYBACK_WEIGHTS": args.weights,
+            "PIGGYBACK_STORE": store,
+            "PIGGYBACK_ADMIN_TOKEN": TOKEN,
+            "PIGGYBACK_PORT": str(port),
+            "PIGGYBACK_CACHE_BUDGET_MB": str(args.cache_mb),
+            "PIGGYBACK_KERNEL": args.kernel,
+            "PIGGYBACK_DEVICE": args.device,
+            "PIGGYBACK_LOG_LEVEL": "warning",
+        }
         server = subprocess.Popen([sys.executable, "-m", "service"], env=env)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -110,17 +133,26 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
-    cache = {line.split("{")[1].split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-             if line.startswith("piggyback_task_cache_events_total")}
-    print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-          f"backbone {args.backbone} at {args.image_size}px, {layout.total} masked weights; "
-          f"cache {args.cache_mb} MB, kernel {args.kernel}, concurrency {args.concurrency}, {args.seconds}s per run")
+    cache = {
+        line.split("{")[1].split('"')[1]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("piggyback_task_cache_events_total")
+    }
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+        f"backbone {args.backbone} at {args.image_size}px, {layout.total} masked weights; "
+        f"cache {args.cache_mb} MB, kernel {args.kernel}, concurrency {args.concurrency}, {args.seconds}s per run"
+    )
     print("| workload | requests | failures | req/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")
     for label, r in (("1 task", single), (f"{args.tasks} tasks, uniform mix", mixed)):
-        print(f"| {label} | {r['requests']} | {r['failures']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        print(
+            f"| {label} | {r['requests']} | {r['failures']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
     print(f"mixed/single throughput ratio: {mixed['rps'] / single['rps']:.3f}")
-    print(f"register-to-first-prediction: median {statistics.median(register_ms):.0f} ms, max {max(register_ms):.0f} ms")
+    print(
+        f"register-to-first-prediction: median {statistics.median(register_ms):.0f} ms, max {max(register_ms):.0f} ms"
+    )
     print(f"task cache events: {cache}")
     return 0
 

@@ -47,7 +47,10 @@ class TaskWeightCache:
         if not self.will_keep(size):
             return buffer
         with self._lock:
-            while self._entries and sum(t.numel() * t.element_size() for t in self._entries.values()) + size > self.budget_bytes:
+            while (
+                self._entries
+                and sum(t.numel() * t.element_size() for t in self._entries.values()) + size > self.budget_bytes
+            ):
                 self._entries.popitem(last=False)
                 self.on_event("evict")
             self._entries[key] = buffer

@@ -6,8 +6,8 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.exceptions import HTTPException
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.batcher import Batcher
 from service.engine import Engine
@@ -45,8 +45,9 @@ def require_admin(
     if settings.admin_token is None:
         raise AdminDisabled("admin API disabled: start the server with PIGGYBACK_ADMIN_TOKEN set")
     if credentials is None:
-        raise HTTPException(401, "missing token: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "missing token: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     if not secrets.compare_digest(credentials.credentials.encode(), settings.admin_token.get_secret_value().encode()):
         raise HTTPException(403, "wrong admin token")
 

@@ -62,9 +62,15 @@ class Engine:
         self.store = TaskStore(settings.store)
         self._tasks: dict[str, LoadedTask] = {}
         self._lock = threading.Lock()
-        log.info("backbone %s on %s (%s), %d masked weights, fingerprint %s, mask kernel %s",
-                 settings.backbone, self.device, settings.dtype, self.layout.total, self.layout.fingerprint[:12],
-                 self.kernel_name)
+        log.info(
+            "backbone %s on %s (%s), %d masked weights, fingerprint %s, mask kernel %s",
+            settings.backbone,
+            self.device,
+            settings.dtype,
+            self.layout.total,
+            self.layout.fingerprint[:12],
+            self.kernel_name,
+        )
 
     def _pack_maskable_weights(self) -> torch.Tensor:
         """Move the maskable weights into one flat buffer (same values; modules keep views into it)."""

@@ -53,6 +53,11 @@ class BodySizeLimit:
     @staticmethod
     async def _refuse(send, limit: int) -> None:
         body = json.dumps({"detail": f"request body larger than {limit} bytes; send fewer or smaller files"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

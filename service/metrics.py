@@ -19,23 +19,38 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
-            "piggyback_request_latency_seconds", "End-to-end predict latency, decode to response",
-            ["task", "status"], buckets=LATENCY_BUCKETS, registry=r)
+            "piggyback_request_latency_seconds",
+            "End-to-end predict latency, decode to response",
+            ["task", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "piggyback_queue_wait_seconds", "Time a request waited for its batch to start",
-            ["task"], buckets=LATENCY_BUCKETS, registry=r)
+            "piggyback_queue_wait_seconds",
+            "Time a request waited for its batch to start",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.mask_apply = Histogram(
-            "piggyback_mask_apply_seconds", "Time to materialize a task's masked weights",
-            ["kernel"], buckets=LATENCY_BUCKETS, registry=r)
+            "piggyback_mask_apply_seconds",
+            "Time to materialize a task's masked weights",
+            ["kernel"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.forward = Histogram(
-            "piggyback_forward_seconds", "Forward pass time per batch", ["task"], buckets=LATENCY_BUCKETS, registry=r)
+            "piggyback_forward_seconds", "Forward pass time per batch", ["task"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_size = Histogram(
-            "piggyback_batch_size", "Images per forward pass", ["task"], buckets=BATCH_BUCKETS, registry=r)
+            "piggyback_batch_size", "Images per forward pass", ["task"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.inflight = Gauge("piggyback_inflight_requests", "Predict requests being served", registry=r)
         self.registered_tasks = Gauge("piggyback_registered_tasks", "Tasks currently registered", registry=r)
         self.errors = Counter("piggyback_errors", "Client and server errors by kind", ["kind"], registry=r)
         self.cache_events = Counter(
-            "piggyback_task_cache_events", "Task weight cache hits, misses and evictions", ["event"], registry=r)
+            "piggyback_task_cache_events", "Task weight cache hits, misses and evictions", ["event"], registry=r
+        )
 
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event=event).inc()

@@ -62,8 +62,6 @@ class TaskInfo(BaseModel):
         )
 
 
-
-
 class Health(BaseModel):
     status: str
     detail: str = ""

@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from mask_store import BackboneLayout, build_backbone  # noqa: E402
-from mask_store.synthetic import SMALL_GRAY as TINY_PREPROCESS  # noqa: E402
 from mask_store.synthetic import random_task_artifact  # noqa: E402, F401  (re-exported for the tests)
 
 torch.set_num_threads(2)
@@ -54,7 +53,8 @@ def backbone_file(tmp_path_factory, resnet18):
 def server_settings(backbone_file, store, **overrides):
     from service.settings import Settings
 
-    values = dict(backbone="resnet18", weights=str(backbone_file), store=store, admin_token=ADMIN_TOKEN,
-                  max_batch_delay_ms=2.0)
+    values = dict(
+        backbone="resnet18", weights=str(backbone_file), store=store, admin_token=ADMIN_TOKEN, max_batch_delay_ms=2.0
+    )
     values.update(overrides)
     return Settings(**values)

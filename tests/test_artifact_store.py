@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mask_store import (
-    BackboneLayout,
     BackboneMismatch,
     CorruptArtifact,
     TaskNotFound,
@@ -106,14 +105,21 @@ BAD_ARTIFACTS = {
     "truncated": (lambda data, r: data[: len(data) // 2], CorruptArtifact),
     "header-only": (lambda data, r: data[:20], CorruptArtifact),
     "flipped-tensor-byte": (lambda data, r: _tamper_tensor_byte(data), CorruptArtifact),
-    "manifest-density-edited": (lambda data, r: _tamper_manifest(data, lambda m: m["layers"][0].update(numel=1)), CorruptArtifact),
+    "manifest-density-edited": (
+        lambda data, r: _tamper_manifest(data, lambda m: m["layers"][0].update(numel=1)),
+        CorruptArtifact,
+    ),
     "manifest-checksum-edited": (
-        lambda data, r: _tamper_manifest(data, lambda m: m["checksums"].update({"mask.nonzero": "0" * 64})), CorruptArtifact),
+        lambda data, r: _tamper_manifest(data, lambda m: m["checksums"].update({"mask.nonzero": "0" * 64})),
+        CorruptArtifact,
+    ),
     "bad-task-name": (lambda data, r: _tamper_manifest(data, lambda m: m.update(task="../escape")), CorruptArtifact),
     "other-backbone-weights": (lambda data, r: _other_backbone_artifact(r), BackboneMismatch),
     "other-architecture": (lambda data, r: _wrong_arch_artifact(r), BackboneMismatch),
     "head-shape-mismatch": (
-        lambda data, r: _tamper_manifest(data, lambda m: m.update(labels=["only-one"])), BackboneMismatch),
+        lambda data, r: _tamper_manifest(data, lambda m: m.update(labels=["only-one"])),
+        BackboneMismatch,
+    ),
     "same-version-again": (lambda data, r: data, TaskVersionExists),
 }
 

@@ -15,7 +15,7 @@ from tests.reference_model import dedicated_network
 def test_lru_evicts_least_recently_used_within_budget():
     events = []
     cache = TaskWeightCache(budget_bytes=2 * 400, on_event=events.append)  # room for two 100-float buffers
-    make = lambda value: (lambda: torch.full((100,), float(value)))  # noqa: E731
+    make = lambda value: lambda: torch.full((100,), float(value))  # noqa: E731
     cache.get_or_create("a", make(1))
     cache.get_or_create("b", make(2))
     assert cache.get_or_create("a", make(9))[0] == 1  # hit: "a" is now the most recent
@@ -45,8 +45,10 @@ def engine_for(tmp_path, backbone_file, artifacts, **settings):
 
 
 def test_every_kernel_and_cache_setting_gives_the_dedicated_network_answer(tmp_path, backbone_file, resnet18):
-    artifacts = [random_task_artifact(resnet18, "resnet18", task="bin", seed=21),
-                 random_task_artifact(resnet18, "resnet18", task="ter", seed=22, kind="ternary")]
+    artifacts = [
+        random_task_artifact(resnet18, "resnet18", task="bin", seed=21),
+        random_task_artifact(resnet18, "resnet18", task="ter", seed=22, kind="ternary"),
+    ]
     images = torch.randn(3, 3, 16, 16)
     for kernel in ("torch", "cpu"):
         for budget in (0, 1024):
@@ -58,8 +60,12 @@ def test_every_kernel_and_cache_setting_gives_the_dedicated_network_answer(tmp_p
                 for _ in range(2):
                     got = engine.forward_task(engine.task(artifact.manifest.task), images)
                     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-            events = {s.labels["event"]: s.value for m in engine.metrics.cache_events.collect() for s in m.samples
-                      if s.name.endswith("_total")}
+            events = {
+                s.labels["event"]: s.value
+                for m in engine.metrics.cache_events.collect()
+                for s in m.samples
+                if s.name.endswith("_total")
+            }
             if budget == 0:
                 assert events.get("miss") == 4 and "hit" not in events
             else:
@@ -67,8 +73,9 @@ def test_every_kernel_and_cache_setting_gives_the_dedicated_network_answer(tmp_p
 
 
 def test_backbone_weights_are_never_written(tmp_path, backbone_file, resnet18):
-    engine = engine_for(tmp_path, backbone_file, [random_task_artifact(resnet18, "resnet18", task="x", seed=3)],
-                        cache_budget_mb=0)
+    engine = engine_for(
+        tmp_path, backbone_file, [random_task_artifact(resnet18, "resnet18", task="x", seed=3)], cache_budget_mb=0
+    )
     before = {k: v.clone() for k, v in engine.backbone.state_dict().items()}
     flat_before = engine.flat_weights.clone()
     engine.forward_task(engine.task("x"), torch.randn(2, 3, 16, 16))

@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from training.data import class_counts, fashion_mnist, image_folder, mnist_5k, sklearn_digits, stratified_split, write_image_folder
 from tests.conftest import TINY_PREPROCESS
+from training.data import (
+    class_counts,
+    fashion_mnist,
+    image_folder,
+    mnist_5k,
+    sklearn_digits,
+    stratified_split,
+    write_image_folder,
+)
 
 LOADERS = {
     "fashion-train": (lambda: fashion_mnist("train"), 60000, (28, 28)),

@@ -31,7 +31,10 @@ def test_compose_parses_and_wires_service_and_prometheus():
 def test_every_piggyback_variable_is_a_real_setting_and_documented():
     fields = {f"PIGGYBACK_{name.upper()}" for name in Settings.model_fields}
     shell_only = {"PIGGYBACK_DEMO"}  # read by docker/entrypoint.sh, not by the server
-    texts = [(ROOT / "docker-compose.yml").read_text(), *(p.read_text() for p in (ROOT / "docker").glob("Dockerfile.*"))]
+    texts = [
+        (ROOT / "docker-compose.yml").read_text(),
+        *(p.read_text() for p in (ROOT / "docker").glob("Dockerfile.*")),
+    ]
     used = set().union(*(re.findall(r"PIGGYBACK_[A-Z_]+", text) for text in texts))
     assert used - shell_only <= fields, used - shell_only - fields
     for variable in used - shell_only:
@@ -51,6 +54,7 @@ def test_promtool_accepts_the_prometheus_config(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus)")
-    check = subprocess.run([promtool, "check", "config", str(ROOT / "docker" / "prometheus.yml")],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [promtool, "check", "config", str(ROOT / "docker" / "prometheus.yml")], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr

@@ -22,7 +22,9 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 def test_hot_swaps_under_load_lose_nothing_and_never_mix_tasks(tmp_path, backbone_file, resnet18):
     versions = {
         ("alpha", 1): random_task_artifact(resnet18, "resnet18", task="alpha", labels=("a", "b", "c"), seed=11),
-        ("alpha", 2): random_task_artifact(resnet18, "resnet18", task="alpha", labels=("a", "b", "c"), seed=12, version=2),
+        ("alpha", 2): random_task_artifact(
+            resnet18, "resnet18", task="alpha", labels=("a", "b", "c"), seed=12, version=2
+        ),
         ("beta", 1): random_task_artifact(resnet18, "resnet18", task="beta", labels=("p", "q"), seed=13),
         ("gamma", 1): random_task_artifact(resnet18, "resnet18", task="gamma", labels=("u", "v", "w", "x"), seed=14),
     }
@@ -43,8 +45,11 @@ def test_hot_swaps_under_load_lose_nothing_and_never_mix_tasks(tmp_path, backbon
     def stream(task: str) -> None:
         with httpx.Client(timeout=60) as client:
             while not stop.is_set():
-                response = client.post(f"{base}/tasks/{task}/predict", files=[("images", ("i.png", image, "image/png"))],
-                                       params={"top_k": 4})
+                response = client.post(
+                    f"{base}/tasks/{task}/predict",
+                    files=[("images", ("i.png", image, "image/png"))],
+                    params={"top_k": 4},
+                )
                 if response.status_code != 200:
                     failures.append(f"{task}: {response.status_code} {response.text}")
                     continue
@@ -60,7 +65,7 @@ def test_hot_swaps_under_load_lose_nothing_and_never_mix_tasks(tmp_path, backbon
         workers = [pool.submit(stream, task) for task in ("alpha", "beta", "alpha", "beta")]
         time.sleep(1.0)
         with httpx.Client(timeout=120, headers=AUTH) as admin:
-            for round_ in range(3):
+            for _round in range(3):
                 r = admin.post(f"{base}/admin/tasks", files={"artifact": ("g", artifact_bytes(versions[("gamma", 1)]))})
                 assert r.status_code == 201, r.text
                 g = admin.post(f"{base}/tasks/gamma/predict", files=[("images", ("i.png", image, "image/png"))])

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from training.masking import BinarizeSTE, MaskConfig, MaskedConv2d, MaskedLinear, TernarizeSTE, apply_masking, wrap_maskable
+from training.masking import (
+    BinarizeSTE,
+    MaskConfig,
+    MaskedConv2d,
+    MaskedLinear,
+    TernarizeSTE,
+    apply_masking,
+    wrap_maskable,
+)
 
 
 def test_binary_threshold_is_strict():
@@ -64,9 +72,14 @@ def _ctor_args(module):
     if isinstance(module, nn.Linear):
         return {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None}
     return {
-        "in_channels": module.in_channels, "out_channels": module.out_channels, "kernel_size": module.kernel_size,
-        "stride": module.stride, "padding": module.padding, "groups": module.groups,
-        "bias": module.bias is not None, "padding_mode": module.padding_mode,
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "groups": module.groups,
+        "bias": module.bias is not None,
+        "padding_mode": module.padding_mode,
     }
 
 

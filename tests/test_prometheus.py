@@ -37,9 +37,17 @@ def server(tmp_path_factory, backbone_file, resnet18):
 
 def test_promtool_accepts_the_exposition(server):
     exposition = httpx.get(f"{server}/metrics").text
-    for name in ("piggyback_request_latency_seconds", "piggyback_queue_wait_seconds", "piggyback_mask_apply_seconds",
-                 "piggyback_forward_seconds", "piggyback_batch_size", "piggyback_inflight_requests",
-                 "piggyback_registered_tasks", "piggyback_errors_total", "piggyback_task_cache_events_total"):
+    for name in (
+        "piggyback_request_latency_seconds",
+        "piggyback_queue_wait_seconds",
+        "piggyback_mask_apply_seconds",
+        "piggyback_forward_seconds",
+        "piggyback_batch_size",
+        "piggyback_inflight_requests",
+        "piggyback_registered_tasks",
+        "piggyback_errors_total",
+        "piggyback_task_cache_events_total",
+    ):
         assert name in exposition
     check = subprocess.run([_binary("promtool"), "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -54,9 +62,15 @@ def test_prometheus_scrapes_latency_series(server, tmp_path):
         f"scrape_configs:\n  - job_name: piggyback\n    static_configs:\n      - targets: ['{target}']\n"
     )
     process = subprocess.Popen(
-        [_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            _binary("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     query = 'piggyback_request_latency_seconds_count{task="alpha",status="200"}'
     try:
@@ -70,8 +84,10 @@ def test_prometheus_scrapes_latency_series(server, tmp_path):
             result = body.get("data", {}).get("result", [])
         assert result, "Prometheus never returned the latency series"
         assert float(result[0]["value"][1]) == 3.0
-        unknown = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
-                            params={"query": 'piggyback_request_latency_seconds_count{task="nope"}'}).json()
+        unknown = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query",
+            params={"query": 'piggyback_request_latency_seconds_count{task="nope"}'},
+        ).json()
         assert unknown["data"]["result"] == []  # unknown names never become series
     finally:
         process.terminate()

@@ -26,11 +26,19 @@ def server_process(tmp_path):
     replace_head(model, 10)
     torch.save(model.state_dict(), tmp_path / "bb.pt")
     port = free_port()
-    env = {**os.environ, "PIGGYBACK_BACKBONE": "resnet18", "PIGGYBACK_WEIGHTS": str(tmp_path / "bb.pt"),
-           "PIGGYBACK_STORE": str(tmp_path / "store"), "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
-           "PIGGYBACK_PORT": str(port), "PIGGYBACK_HOST": "127.0.0.1", "PIGGYBACK_DEVICE": "cpu"}
-    process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PIGGYBACK_BACKBONE": "resnet18",
+        "PIGGYBACK_WEIGHTS": str(tmp_path / "bb.pt"),
+        "PIGGYBACK_STORE": str(tmp_path / "store"),
+        "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "PIGGYBACK_PORT": str(port),
+        "PIGGYBACK_HOST": "127.0.0.1",
+        "PIGGYBACK_DEVICE": "cpu",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, process=process)
@@ -51,22 +59,52 @@ def test_cli_artifact_registered_live_answers_like_a_dedicated_network(server_pr
     write_image_folder(val, tmp_path / "data", "val")
     out = tmp_path / "digits.safetensors"
     run = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--backbone", "resnet18", "--weights", str(tmp_path / "bb.pt"),
-         "--data", str(tmp_path / "data"), "--task", "digits", "--out", str(out), "--epochs", "1",
-         "--image-size", "16", "--grayscale", "--per-task-bn", "--no-progress",
-         "--register", base, "--token", ADMIN_TOKEN],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "train",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "bb.pt"),
+            "--data",
+            str(tmp_path / "data"),
+            "--task",
+            "digits",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--grayscale",
+            "--per-task-bn",
+            "--no-progress",
+            "--register",
+            base,
+            "--token",
+            ADMIN_TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "registered task digits" in run.stdout
 
     pngs = sorted((tmp_path / "data" / "val").rglob("*.png"))[:6]
-    response = httpx.post(f"{base}/tasks/digits/predict", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in pngs],
-                          params={"top_k": 10}, timeout=60)
+    response = httpx.post(
+        f"{base}/tasks/digits/predict",
+        files=[("images", (p.name, p.read_bytes(), "image/png")) for p in pngs],
+        params={"top_k": 10},
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     artifact = load_artifact(out)
-    expected = expected_probabilities(dedicated_network(backbone, artifact), artifact,
-                                      [Image.open(io.BytesIO(p.read_bytes())) for p in pngs])
+    expected = expected_probabilities(
+        dedicated_network(backbone, artifact), artifact, [Image.open(io.BytesIO(p.read_bytes())) for p in pngs]
+    )
     for prediction, row in zip(response.json()["predictions"], expected, strict=True):
         got = torch.zeros(10)
         for item in prediction["top_k"]:

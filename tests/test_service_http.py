@@ -36,8 +36,14 @@ def server(tmp_path_factory, backbone_file, artifacts):
     store = tmp_path_factory.mktemp("store")
     for artifact in artifacts.values():
         TaskStore(store).put(artifact_bytes(artifact))
-    settings = server_settings(backbone_file, store, max_images_per_request=4, max_image_bytes=200_000,
-                               max_image_pixels=4_000_000, max_request_bytes=1_000_000)
+    settings = server_settings(
+        backbone_file,
+        store,
+        max_images_per_request=4,
+        max_image_bytes=200_000,
+        max_image_pixels=4_000_000,
+        max_request_bytes=1_000_000,
+    )
     with serve_in_thread(settings) as base:
         yield base, store
 
@@ -54,8 +60,9 @@ def test_predict_matches_dedicated_networks(server, artifacts, resnet18):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["task"] == name and body["version"] == 1 and len(body["predictions"]) == 3
-        expected = expected_probabilities(dedicated_network(resnet18, artifact), artifact,
-                                          [Image.open(io.BytesIO(d)) for d in images])
+        expected = expected_probabilities(
+            dedicated_network(resnet18, artifact), artifact, [Image.open(io.BytesIO(d)) for d in images]
+        )
         for prediction, row in zip(body["predictions"], expected, strict=True):
             assert prediction["index"] == int(row.argmax())
             assert prediction["label"] == artifact.manifest.labels[prediction["index"]]
@@ -87,11 +94,17 @@ def _bomb_png() -> bytes:
 
 def _absurd_png() -> bytes:
     """A valid PNG header claiming 1 x 2^30 pixels (the pixel data never arrives)."""
+
     def chunk(kind, data):
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = (1).to_bytes(4, "big") + (2**30).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x00" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 BAD_UPLOADS = {
@@ -153,8 +166,12 @@ def test_bad_artifacts_are_422_and_store_is_byte_identical(server, resnet18):
     before = snapshot(store)
     good = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="gamma", seed=3))
     other_backbone = artifact_bytes(random_task_artifact(build_backbone("resnet18"), "resnet18", task="gamma"))
-    for label, data in {"garbage": b"not an artifact", "truncated": good[: len(good) // 3],
-                        "tampered": _tampered(good), "wrong-backbone": other_backbone}.items():
+    for label, data in {
+        "garbage": b"not an artifact",
+        "truncated": good[: len(good) // 3],
+        "tampered": _tampered(good),
+        "wrong-backbone": other_backbone,
+    }.items():
         response = httpx.post(f"{base}/admin/tasks", files={"artifact": ("g.safetensors", data)}, headers=AUTH)
         assert response.status_code == 422, (label, response.text)
         assert response.json()["detail"], label

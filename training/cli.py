@@ -61,9 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_set, val_set = image_folder(args.data, "train", preprocess), image_folder(args.data, "val", preprocess)
     if train_set.classes != val_set.classes:
         sys.exit(f"train classes {train_set.classes} differ from val classes {val_set.classes}")
-    train_set.transform = transforms.Compose([*augmentations(args.augment, args.image_size), build_transform(preprocess)])
-    print(f"{len(train_set)} training images, {len(val_set)} validation images, classes: "
-          + ", ".join(f"{c}={n}" for c, n in zip(train_set.classes, class_counts(train_set), strict=True)))
+    train_set.transform = transforms.Compose(
+        [*augmentations(args.augment, args.image_size), build_transform(preprocess)]
+    )
+    print(
+        f"{len(train_set)} training images, {len(val_set)} validation images, classes: "
+        + ", ".join(f"{c}={n}" for c, n in zip(train_set.classes, class_counts(train_set), strict=True))
+    )
     config = TrainConfig(
         method=args.method,
         epochs=args.epochs,
@@ -80,14 +84,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     result = train_task(backbone, train_set, val_set, len(train_set.classes), config)
     artifact = export_artifact(
-        result, layout, task=args.task, version=args.version or int(time.time()),
-        labels=list(train_set.classes), preprocess=preprocess,
+        result,
+        layout,
+        task=args.task,
+        version=args.version or int(time.time()),
+        labels=list(train_set.classes),
+        preprocess=preprocess,
     )
     save_artifact(artifact, args.out)
     m = artifact.manifest
-    print(f"validation accuracy {result.val_accuracy:.4f}; wrote {args.out} ({args.out.stat().st_size} bytes): "
-          f"{m.mask.numel} masked parameters, {m.bits_per_param:.3f} bits/parameter ({m.mask.encoding}), "
-          f"density {m.density:.3f}")
+    print(
+        f"validation accuracy {result.val_accuracy:.4f}; wrote {args.out} ({args.out.stat().st_size} bytes): "
+        f"{m.mask.numel} masked parameters, {m.bits_per_param:.3f} bits/parameter ({m.mask.encoding}), "
+        f"density {m.density:.3f}"
+    )
     if args.register:
         from training.register import register_artifact
 

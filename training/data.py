@@ -30,7 +30,9 @@ CACHE_DIR = Path.home() / ".cache" / "piggyback"
 class ArrayImageDataset(Dataset):
     """uint8 images [N, H, W] with integer labels, served as PIL images through `transform`."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], transform: Callable | None = None):
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], transform: Callable | None = None
+    ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -70,7 +72,9 @@ def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> ArrayImageDatas
     image_file, label_file = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
     if not image_file.exists():
         raise FileNotFoundError(f"{image_file} missing: apt-get install dataset-fashion-mnist")
-    return ArrayImageDataset(_read_idx_gz(image_file, read_image_file), _read_idx_gz(label_file, read_label_file), FASHION_LABELS)
+    return ArrayImageDataset(
+        _read_idx_gz(image_file, read_image_file), _read_idx_gz(label_file, read_label_file), FASHION_LABELS
+    )
 
 
 def mnist_5k() -> ArrayImageDataset:
@@ -90,7 +94,9 @@ def sklearn_digits() -> ArrayImageDataset:
     return ArrayImageDataset(images, digits.target, DIGIT_LABELS)
 
 
-def stratified_split(dataset: ArrayImageDataset, val_fraction: float, seed: int) -> tuple[ArrayImageDataset, ArrayImageDataset]:
+def stratified_split(
+    dataset: ArrayImageDataset, val_fraction: float, seed: int
+) -> tuple[ArrayImageDataset, ArrayImageDataset]:
     """Shuffle, then split every class in the same proportion (sources may be sorted by label)."""
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
@@ -99,7 +105,9 @@ def stratified_split(dataset: ArrayImageDataset, val_fraction: float, seed: int)
         cut = int(round(len(members) * val_fraction))
         val_idx.append(members[:cut])
         train_idx.append(members[cut:])
-    return dataset.subset(rng.permutation(np.concatenate(train_idx))), dataset.subset(rng.permutation(np.concatenate(val_idx)))
+    return dataset.subset(rng.permutation(np.concatenate(train_idx))), dataset.subset(
+        rng.permutation(np.concatenate(val_idx))
+    )
 
 
 def class_counts(dataset) -> np.ndarray:

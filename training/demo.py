@@ -64,11 +64,20 @@ def build_demo(out: Path) -> None:
         train, val = stratified_split(loader().with_transform(transform), val_fraction=0.2, seed=0)
         config = TrainConfig(epochs=2, per_task_bn=True, lr_scores=1e-3, lr_decay_every=2)
         result = train_task(backbone, train, val, len(train.classes), config)
-        artifact = export_artifact(result, layout, task=name, version=1, labels=list(train.classes),
-                                   preprocess=DEMO_PREPROCESS, extra={"data": name})
+        artifact = export_artifact(
+            result,
+            layout,
+            task=name,
+            version=1,
+            labels=list(train.classes),
+            preprocess=DEMO_PREPROCESS,
+            extra={"data": name},
+        )
         store.put(artifact_bytes(artifact), layout)
-        print(f"demo task {name}: validation accuracy {result.val_accuracy:.4f}, "
-              f"{artifact.manifest.bits_per_param:.3f} bits/parameter")
+        print(
+            f"demo task {name}: validation accuracy {result.val_accuracy:.4f}, "
+            f"{artifact.manifest.bits_per_param:.3f} bits/parameter"
+        )
     print(f"demo ready: PIGGYBACK_WEIGHTS={backbone_path} PIGGYBACK_STORE={out / 'store'}")
 
 

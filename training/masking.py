@@ -108,4 +108,6 @@ def apply_masking(model: nn.Module, config: MaskConfig, skip: frozenset[str] = f
 @torch.no_grad()
 def learned_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """The final thresholded masks by layer name (the name the layer had before wrapping)."""
-    return {name: module.mask().detach().cpu() for name, module in model.named_modules() if isinstance(module, MaskedLayer)}
+    return {
+        name: module.mask().detach().cpu() for name, module in model.named_modules() if isinstance(module, MaskedLayer)
+    }

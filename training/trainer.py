@@ -124,7 +124,9 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset, config: TrainConfig
         module.momentum = None  # cumulative average over the whole pass
     model.train()
     batch_size = config.batch_size * 4
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=config.num_workers, drop_last=len(dataset) > batch_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=config.num_workers, drop_last=len(dataset) > batch_size
+    )
     for images, _ in loader:
         model(images.to(config.device))
     for module, momentum in zip(bns, saved, strict=True):
@@ -132,15 +134,21 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset, config: TrainConfig
     model.eval()
 
 
-def train_task(backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int, config: TrainConfig) -> TrainResult:
+def train_task(
+    backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int, config: TrainConfig
+) -> TrainResult:
     """Train one task with `config.method` and report validation accuracy (read top to bottom)."""
     torch.manual_seed(config.seed)
     model = prepare_model(backbone, num_classes, config).to(config.device)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_every, gamma=0.1)
     loader = DataLoader(  # drop_last: a final batch of one image breaks BatchNorm in train mode
-        train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed), drop_last=len(train_set) > config.batch_size,
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+        drop_last=len(train_set) > config.batch_size,
     )
     loss_fn = nn.CrossEntropyLoss()
     history, started = [], time.perf_counter()
@@ -149,7 +157,9 @@ def train_task(backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_cl
         seen = correct = 0
         loss_sum = 0.0
         epoch_start = time.perf_counter()
-        bar = tqdm(loader, desc=f"{config.method} epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        bar = tqdm(
+            loader, desc=f"{config.method} epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
+        )
         for images, labels in bar:
             images, labels = images.to(config.device), labels.to(config.device)
             logits = model(images)
@@ -165,10 +175,13 @@ def train_task(backbone: nn.Module, train_set: Dataset, val_set: Dataset, num_cl
         scheduler.step()
         history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)})
         if config.progress:
-            tqdm.write(f"{config.method} epoch {epoch}/{config.epochs}: loss {loss_sum / max(seen, 1):.4f} "
-                       f"train acc {correct / max(seen, 1):.4f} ({rate:.0f} samples/s)")
+            tqdm.write(
+                f"{config.method} epoch {epoch}/{config.epochs}: loss {loss_sum / max(seen, 1):.4f} "
+                f"train acc {correct / max(seen, 1):.4f} ({rate:.0f} samples/s)"
+            )
     if config.bn_is_trained and config.reestimate_bn and config.method != "finetune":
         reestimate_batchnorm(model, train_set, config)
     accuracy = evaluate(model, val_set, device=config.device)
-    return TrainResult(model=model.eval(), val_accuracy=accuracy, history=history,
-                       seconds=time.perf_counter() - started, config=config)
+    return TrainResult(
+        model=model.eval(), val_accuracy=accuracy, history=history, seconds=time.perf_counter() - started, config=config
+    )

@@ -59,11 +59,18 @@ def bench_arch(arch: str, device: torch.device, dtype: torch.dtype, kernel: str,
     moved = 2 * n * size + nonzero.numel()
     fused = timed(lambda: apply(flat, nonzero, None, out), device, repeats)
     copy = timed(lambda: out.copy_(flat), device, repeats)
-    naive = timed(lambda: apply_masks_naive_per_layer(weights, nonzero, list(layout.offsets)), device, max(3, repeats // 3))
+    naive = timed(
+        lambda: apply_masks_naive_per_layer(weights, nonzero, list(layout.offsets)), device, max(3, repeats // 3)
+    )
     return {
-        "arch": arch, "weights": n, "layers": len(weights), "exact": exact,
-        "fused_ms": 1000 * fused, "fused_gbs": moved / fused / 1e9,
-        "copy_gbs": 2 * n * size / copy / 1e9, "naive_ms": 1000 * naive,
+        "arch": arch,
+        "weights": n,
+        "layers": len(weights),
+        "exact": exact,
+        "fused_ms": 1000 * fused,
+        "fused_gbs": moved / fused / 1e9,
+        "copy_gbs": 2 * n * size / copy / 1e9,
+        "naive_ms": 1000 * naive,
     }
 
 
@@ -76,16 +83,35 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     kernel = args.kernel or ("triton" if device.type == "cuda" else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        )
+    )
     print(f"device: {name}; dtype {args.dtype}; kernel {kernel}; torch {torch.__version__}")
-    print("| backbone | masked weights | layers | fused ms | fused GB/s | copy GB/s | % of copy | naive ms | speed-up | bit-exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    columns = [
+        "backbone",
+        "masked weights",
+        "layers",
+        "fused ms",
+        "fused GB/s",
+        "copy GB/s",
+        "% of copy",
+        "naive ms",
+        "speed-up",
+        "bit-exact",
+    ]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
     for arch in ARCHS:
         r = bench_arch(arch, device, DTYPES[args.dtype], kernel, args.repeats)
-        print(f"| {arch} | {r['weights']:,} | {r['layers']} | {r['fused_ms']:.2f} | {r['fused_gbs']:.1f} | "
-              f"{r['copy_gbs']:.1f} | {100 * r['fused_gbs'] / r['copy_gbs']:.0f}% | {r['naive_ms']:.2f} | "
-              f"{r['naive_ms'] / r['fused_ms']:.1f}x | {r['exact']} |")
+        print(
+            f"| {arch} | {r['weights']:,} | {r['layers']} | {r['fused_ms']:.2f} | {r['fused_gbs']:.1f} | "
+            f"{r['copy_gbs']:.1f} | {100 * r['fused_gbs'] / r['copy_gbs']:.0f}% | {r['naive_ms']:.2f} | "
+            f"{r['naive_ms'] / r['fused_ms']:.1f}x | {r['exact']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,14 @@ if triton is not None:
 
     @triton.jit
     def _apply_masks_kernel(
-        weights_ptr, nonzero_ptr, negative_ptr, out_ptr, n_weights,
-        SIGN_BIT: tl.constexpr, HAS_NEGATIVE: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+        weights_ptr,
+        nonzero_ptr,
+        negative_ptr,
+        out_ptr,
+        n_weights,
+        SIGN_BIT: tl.constexpr,
+        HAS_NEGATIVE: tl.constexpr,
+        BLOCK_BYTES: tl.constexpr,
     ):
         pid = tl.program_id(0)
         byte_index = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
@@ -70,8 +76,13 @@ def apply_masks_triton(
     bits_dtype = BITS_VIEW[weights.dtype]
     grid = (triton.cdiv((n + 7) // 8, BLOCK_BYTES),)
     _apply_masks_kernel[grid](
-        weights.view(bits_dtype), nonzero, negative if negative is not None else nonzero, out.view(bits_dtype), n,
-        SIGN_BIT=-(1 << (torch.iinfo(bits_dtype).bits - 1)), HAS_NEGATIVE=negative is not None,
+        weights.view(bits_dtype),
+        nonzero,
+        negative if negative is not None else nonzero,
+        out.view(bits_dtype),
+        n,
+        SIGN_BIT=-(1 << (torch.iinfo(bits_dtype).bits - 1)),
+        HAS_NEGATIVE=negative is not None,
         BLOCK_BYTES=BLOCK_BYTES,
     )
     return out

@@ -13,7 +13,7 @@ from service.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from service.errors import PayloadTooLarge, status_for
 from service.images import images_to_batch
 from service.metrics import UNKNOWN_TASK
-from service.schemas import PredictResponse, Prediction, ScoredLabel, TaskInfo
+from service.schemas import Prediction, PredictResponse, ScoredLabel, TaskInfo
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
