@@ -58,3 +58,26 @@ def server_settings(backbone_file, store, **overrides):
     )
     values.update(overrides)
     return Settings(**values)
+
+
+def write_digits_imagefolder(root, count: int = 300, seed: int = 0) -> None:
+    """A small ImageFolder of sklearn-digit PNGs: root/train/<digit>/*.png and root/val/<digit>/*.png."""
+    import numpy as np
+
+    from training.data import sklearn_digits, stratified_split, write_image_folder
+
+    ds = sklearn_digits()
+    train, val = stratified_split(ds.subset(np.random.default_rng(seed).permutation(len(ds))[:count]), 0.3, seed=0)
+    write_image_folder(train, root, "train")
+    write_image_folder(val, root, "val")
+
+
+def run_training_cli(weights, data, task: str, out, *extra: str):
+    """`python -m training train` on resnet18 at 16px grayscale for one epoch, as a user would run it."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "training", "train", "--backbone", "resnet18", "--weights", str(weights),
+               "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
+               "--grayscale", "--no-progress", *extra]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)

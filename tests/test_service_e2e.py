@@ -8,16 +8,14 @@ import subprocess
 import sys
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from mask_store import build_backbone, load_artifact, replace_head
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, run_training_cli, write_digits_imagefolder
 from tests.reference_model import dedicated_network, expected_probabilities
 from tests.servers import free_port, wait_ready
-from training.data import sklearn_digits, stratified_split, write_image_folder
 
 
 @pytest.fixture
@@ -53,42 +51,18 @@ def server_process(tmp_path):
 def test_cli_artifact_registered_live_answers_like_a_dedicated_network(server_process):
     base, tmp_path, backbone = server_process
     assert httpx.get(f"{base}/tasks").json() == []
-    ds = sklearn_digits()
-    train, val = stratified_split(ds.subset(np.random.default_rng(1).permutation(len(ds))[:300]), 0.3, seed=0)
-    write_image_folder(train, tmp_path / "data", "train")
-    write_image_folder(val, tmp_path / "data", "val")
+    write_digits_imagefolder(tmp_path / "data", seed=1)
     out = tmp_path / "digits.safetensors"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training",
-            "train",
-            "--backbone",
-            "resnet18",
-            "--weights",
-            str(tmp_path / "bb.pt"),
-            "--data",
-            str(tmp_path / "data"),
-            "--task",
-            "digits",
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--image-size",
-            "16",
-            "--grayscale",
-            "--per-task-bn",
-            "--no-progress",
-            "--register",
-            base,
-            "--token",
-            ADMIN_TOKEN,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_training_cli(
+        tmp_path / "bb.pt",
+        tmp_path / "data",
+        "digits",
+        out,
+        "--per-task-bn",
+        "--register",
+        base,
+        "--token",
+        ADMIN_TOKEN,
     )
     assert run.returncode == 0, run.stderr
     assert "registered task digits" in run.stdout

@@ -1,15 +1,12 @@
 """Training end to end on shipped data: it learns, leaves the backbone untouched, and the CLI writes artifacts."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from mask_store import BackboneLayout, build_backbone, build_transform, load_artifact, replace_head
-from tests.conftest import TINY_PREPROCESS, state_hash
-from training.data import sklearn_digits, stratified_split, write_image_folder
+from tests.conftest import TINY_PREPROCESS, run_training_cli, state_hash, write_digits_imagefolder
+from training.data import sklearn_digits, stratified_split
 from training.export import export_artifact
 from training.masking import MaskConfig, MaskedLayer
 from training.trainer import TrainConfig, train_task
@@ -76,41 +73,9 @@ def test_cli_trains_on_imagefolder_of_pngs(tmp_path):
     model = build_backbone("resnet18")
     replace_head(model, 10)
     torch.save(model.state_dict(), tmp_path / "bb.pt")
-    ds = sklearn_digits()
-    train, val = stratified_split(ds.subset(np.random.default_rng(0).permutation(len(ds))[:300]), 0.3, seed=0)
-    write_image_folder(train, tmp_path / "data", "train")
-    write_image_folder(val, tmp_path / "data", "val")
+    write_digits_imagefolder(tmp_path / "data")
     out = tmp_path / "task.safetensors"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training",
-            "train",
-            "--backbone",
-            "resnet18",
-            "--weights",
-            str(tmp_path / "bb.pt"),
-            "--data",
-            str(tmp_path / "data"),
-            "--task",
-            "t",
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--image-size",
-            "16",
-            "--grayscale",
-            "--augment",
-            "none",
-            "--version",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_training_cli(tmp_path / "bb.pt", tmp_path / "data", "t", out, "--augment", "none", "--version", "3")
     assert run.returncode == 0, run.stderr
     assert "validation accuracy" in run.stdout and "bits/parameter" in run.stdout
     artifact = load_artifact(out)
