@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
-from mask_store import BackboneLayout, Preprocess, artifact_bytes, build_transform
-from training.data import ArrayImageDataset, fashion_mnist, mnist_5k, sklearn_digits, stratified_split
+from mask_store import BackboneLayout, Preprocess, artifact_bytes, build_backbone, build_transform
+from training.data import ArrayImageDataset, fashion_mnist, image_folder, mnist_5k, sklearn_digits, stratified_split
 from training.export import export_artifact
 from training.masking import MaskedLayer
 from training.pretrain import pretrain_backbone
@@ -69,6 +70,10 @@ class BenchmarkConfig:
     lr_finetune: float = 1e-2
     order_check_images: int = 512
     tasks: tuple[str, ...] = tuple(TASKS)
+    # real data: a given backbone (state_dict file or torchvision weights name) instead of pretraining,
+    # and ImageFolder tasks (name, DIR with train/ and val/) instead of the offline ones
+    weights: str | None = None
+    imagefolders: tuple[tuple[str, str], ...] = ()
     methods: tuple[str, ...] = ("classifier", "piggyback", "piggyback+bn", "finetune")
     seed: int = 0
 
@@ -107,11 +112,49 @@ def method_config(method: str, cfg: BenchmarkConfig, epochs: int | None = None) 
     }[method]
 
 
-def task_split(name: str, cfg: BenchmarkConfig, transform, limit: int | None = None):
+def task_split(name: str, cfg: BenchmarkConfig, preprocess: Preprocess, limit: int | None = None):
+    """(train, val, class names) for an offline task or an ImageFolder task, at most `limit` images."""
+    limit = limit or cfg.task_images
+    rng = np.random.default_rng(cfg.seed)
+    folders = dict(cfg.imagefolders)
+    if name in folders:
+        train, val = (
+            image_folder(Path(folders[name]), "train", preprocess),
+            image_folder(Path(folders[name]), "val", preprocess),
+        )
+        classes = train.classes
+        if len(train) > limit:
+            train = Subset(train, rng.permutation(len(train))[:limit].tolist())
+        return train, val, classes
     ds = TASKS[name][0]()
-    keep = np.random.default_rng(cfg.seed).permutation(len(ds))[: limit or cfg.task_images]
-    train, val = stratified_split(ds.subset(keep), val_fraction=0.2, seed=cfg.seed)
-    return train.with_transform(transform), val.with_transform(transform)
+    train, val = stratified_split(ds.subset(rng.permutation(len(ds))[:limit]), val_fraction=0.2, seed=cfg.seed)
+    transform = build_transform(preprocess)
+    return train.with_transform(transform), val.with_transform(transform), train.classes
+
+
+def task_names(cfg: BenchmarkConfig) -> list[str]:
+    return [name for name, _ in cfg.imagefolders] or list(cfg.tasks)
+
+
+def task_preprocess(cfg: BenchmarkConfig) -> Preprocess:
+    if cfg.imagefolders:  # RGB photos for an ImageNet-style backbone
+        return Preprocess(size=cfg.image_size, grayscale=False)
+    return Preprocess(size=cfg.image_size, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def backbone_for(cfg: BenchmarkConfig, preprocess: Preprocess) -> tuple[torch.nn.Module, float | None, float]:
+    """The given backbone, or one pretrained here on Fashion-MNIST (returns its test accuracy)."""
+    if cfg.weights:
+        return build_backbone(cfg.arch, cfg.weights), None, 0.0
+    transform = build_transform(preprocess)
+    fashion_train, fashion_test = fashion_mnist("train"), fashion_mnist("test")
+    keep = np.random.default_rng(cfg.seed).permutation(len(fashion_train))[: cfg.backbone_images]
+    backbone, accuracy, seconds = pretrain_backbone(
+        cfg.arch, fashion_train.subset(keep).with_transform(transform), fashion_test.with_transform(transform), 10,
+        epochs=cfg.backbone_epochs, seed=cfg.seed,
+    )  # fmt: skip
+    print(f"backbone {cfg.arch}: Fashion-MNIST test accuracy {accuracy:.4f} ({seconds:.0f}s)")
+    return backbone, accuracy, seconds
 
 
 def masked_out_per_layer(model: torch.nn.Module) -> dict[str, float]:
@@ -135,18 +178,22 @@ def same_task(a, b) -> bool:
     )
 
 
-def order_check(backbone, layout, cfg: BenchmarkConfig, transform, preprocess) -> dict:
+def order_check(backbone, layout, cfg: BenchmarkConfig, preprocess: Preprocess) -> dict:
     """Learn the tasks in two orders; each task's artifact and predictions must be bit-identical."""
-    tasks = list(cfg.tasks) if len(cfg.tasks) > 1 else [*cfg.tasks, "digits"]
-    data = {name: task_split(name, cfg, transform, cfg.order_check_images) for name in tasks}
+    tasks = task_names(cfg)
+    if len(tasks) < 2 and not cfg.imagefolders:
+        tasks.append("digits" if tasks != ["digits"] else "mnist")
+    if len(tasks) < 2:
+        return {"orders": [], "bit_identical": {}, "skipped": "needs two tasks"}
+    data = {name: task_split(name, cfg, preprocess, cfg.order_check_images) for name in tasks}
     runs = {}
     for order in (tasks, tasks[::-1]):
         outputs = {}
         for name in order:
-            train, val = data[name]
-            result = train_task(backbone, train, val, len(train.classes), method_config("piggyback+bn", cfg, epochs=1))
+            train, val, classes = data[name]
+            result = train_task(backbone, train, val, len(classes), method_config("piggyback+bn", cfg, epochs=1))
             artifact = export_artifact(
-                result, layout, task=name, version=1, labels=list(train.classes), preprocess=preprocess
+                result, layout, task=name, version=1, labels=list(classes), preprocess=preprocess
             )
             outputs[name] = (artifact, predictions(result.model, val))
         runs[" -> ".join(order)] = outputs
@@ -158,25 +205,16 @@ def order_check(backbone, layout, cfg: BenchmarkConfig, transform, preprocess) -
 def run(cfg: BenchmarkConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    preprocess = Preprocess(size=cfg.image_size, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
-    transform = build_transform(preprocess)
-    rng = np.random.default_rng(cfg.seed)
-    fashion_train, fashion_test = fashion_mnist("train"), fashion_mnist("test")
-    pre_train = fashion_train.subset(rng.permutation(len(fashion_train))[: cfg.backbone_images]).with_transform(
-        transform
-    )
-    backbone, backbone_accuracy, backbone_seconds = pretrain_backbone(
-        cfg.arch, pre_train, fashion_test.with_transform(transform), 10, epochs=cfg.backbone_epochs, seed=cfg.seed
-    )
-    print(f"backbone {cfg.arch}: Fashion-MNIST test accuracy {backbone_accuracy:.4f} ({backbone_seconds:.0f}s)")
+    preprocess = task_preprocess(cfg)
+    backbone, backbone_accuracy, backbone_seconds = backbone_for(cfg, preprocess)
     layout = BackboneLayout.from_model(cfg.arch, backbone)
     total_params = sum(p.numel() for p in backbone.parameters())
 
     rows, figure = [], {}
-    for name in cfg.tasks:
-        train, val = task_split(name, cfg, transform)
+    for name in task_names(cfg):
+        train, val, classes = task_split(name, cfg, preprocess)
         for method in cfg.methods:
-            result = train_task(backbone, train, val, len(train.classes), method_config(method, cfg))
+            result = train_task(backbone, train, val, len(classes), method_config(method, cfg))
             row = {
                 "task": name,
                 "method": method,
@@ -187,7 +225,7 @@ def run(cfg: BenchmarkConfig, out: Path) -> dict:
             }
             if method.startswith("piggyback"):
                 artifact = export_artifact(
-                    result, layout, task=name, version=1, labels=list(train.classes), preprocess=preprocess
+                    result, layout, task=name, version=1, labels=list(classes), preprocess=preprocess
                 )
                 row.update(
                     stored_bytes=len(artifact_bytes(artifact)),
@@ -205,7 +243,7 @@ def run(cfg: BenchmarkConfig, out: Path) -> dict:
             print(f"{name:>24} {method:>13}: accuracy {row['accuracy']:.4f} ({row['seconds']:.0f}s)")
             rows.append(row)
 
-    order = order_check(backbone, layout, cfg, transform, preprocess)
+    order = order_check(backbone, layout, cfg, preprocess)
     print(f"order check {order['orders']}: bit-identical {order['bit_identical']}")
     report = {
         "config": dataclasses.asdict(cfg),
@@ -284,10 +322,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy"))
+    real = parser.add_argument_group("real data (the paper's setting); each overrides the preset")
+    real.add_argument("--arch", help="torchvision architecture, e.g. resnet50")
+    real.add_argument("--weights", help="backbone state_dict file or torchvision weights name, e.g. IMAGENET1K_V2")
+    real.add_argument(
+        "--imagefolder",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a task from an ImageFolder tree DIR/train, DIR/val (repeat for more tasks)",
+    )
+    for flag, kind in (
+        ("--image-size", int),
+        ("--epochs", int),
+        ("--lr-decay-every", int),
+        ("--task-images", int),
+        ("--lr-scores", float),
+        ("--lr-finetune", float),
+    ):
+        real.add_argument(flag, type=kind)
     args = parser.parse_args()
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key in BenchmarkConfig.__dataclass_fields__ and value is not None
+    }
+    if args.imagefolder:
+        overrides["imagefolders"] = tuple(tuple(item.split("=", 1)) for item in args.imagefolder)
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
-    run(PRESETS[args.preset], args.out)
+    run(dataclasses.replace(PRESETS[args.preset], **overrides), args.out)
     print(f"wrote {args.out}/table.md, results.json, masked_out_per_layer.png in {time.perf_counter() - started:.0f}s")
 
 
