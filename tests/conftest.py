@@ -15,9 +15,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from mask_store import BackboneLayout, build_backbone  # noqa: E402
-from mask_store.synthetic import random_task_artifact  # noqa: E402, F401  (re-exported for the tests)
+from mask_store.synthetic import SMALL_GRAY, random_task_artifact  # noqa: E402, F401  (re-exported for the tests)
 
 torch.set_num_threads(2)
+TINY_PREPROCESS = SMALL_GRAY  # 16 px grayscale: every test model runs fast
 
 
 def state_hash(model: torch.nn.Module) -> str:
