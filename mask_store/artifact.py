@@ -44,6 +44,7 @@ class TaskArtifact:
 
     manifest: Manifest
     planes: tuple[bytes, ...]  # decoded (uncompressed) packed planes: nonzero[, negative]
+    stored: tuple[bytes, ...]  # the same planes as written to disk, in the manifest's encoding
     task_tensors: dict[str, torch.Tensor]
 
     @property
@@ -124,8 +125,8 @@ def make_artifact(
         )
         for name, shape, offset, numel in zip(layout.names, layout.shapes, layout.offsets, layout.numels, strict=True)
     ]
-    encoding = packing.smallest_encoding(planes[0], layout.total)[0]
-    stored = [packing.encode(plane, layout.total, encoding) for plane in planes]
+    encoding, first = packing.smallest_encoding(planes[0], layout.total)
+    stored = [first, *(packing.encode(plane, layout.total, encoding) for plane in planes[1:])]
     tensors = {key: _bytes_tensor(blob) for key, blob in zip(PLANE_KEYS, stored, strict=False)}
     tensors.update({TASK_PREFIX + name: t.detach().cpu().contiguous() for name, t in task_tensors.items()})
     manifest = Manifest(
@@ -147,16 +148,12 @@ def make_artifact(
         training=training or {},
         checksums={key: _sha256(t) for key, t in tensors.items()},
     )
-    return TaskArtifact(manifest=manifest, planes=tuple(planes), task_tensors=dict(task_tensors))
+    return TaskArtifact(manifest=manifest, planes=tuple(planes), stored=tuple(stored), task_tensors=dict(task_tensors))
 
 
 def artifact_bytes(artifact: TaskArtifact) -> bytes:
     """Serialize: stored planes + task tensors, manifest in the safetensors metadata."""
-    spec = artifact.manifest.mask
-    tensors = {
-        key: _bytes_tensor(packing.encode(plane, spec.numel, spec.encoding))
-        for key, plane in zip(PLANE_KEYS, artifact.planes, strict=False)
-    }
+    tensors = {key: _bytes_tensor(blob) for key, blob in zip(PLANE_KEYS, artifact.stored, strict=False)}
     tensors.update({TASK_PREFIX + name: t.contiguous() for name, t in artifact.task_tensors.items()})
     return safetensors_save(tensors, metadata={MANIFEST_KEY: artifact.manifest.model_dump_json()})
 
@@ -208,11 +205,12 @@ def load_artifact(path: str | Path, display_name: str | None = None) -> TaskArti
     for key, tensor in tensors.items():
         if _sha256(tensor) != manifest.checksums[key]:
             raise CorruptArtifact(f"{name}: checksum mismatch in {key}; the file was altered or damaged")
-    planes = []
+    planes, stored = [], []
     for key in PLANE_KEYS[: spec.planes]:
+        stored.append(tensors[key].numpy().tobytes())
         try:
-            planes.append(packing.decode(tensors[key].numpy().tobytes(), spec.numel, spec.encoding))
+            planes.append(packing.decode(stored[-1], spec.numel, spec.encoding))
         except Exception as exc:
             raise CorruptArtifact(f"{name}: mask plane {key} does not decode: {exc}") from exc
     task_tensors = {key[len(TASK_PREFIX) :]: t for key, t in tensors.items() if key.startswith(TASK_PREFIX)}
-    return TaskArtifact(manifest=manifest, planes=tuple(planes), task_tensors=task_tensors)
+    return TaskArtifact(manifest=manifest, planes=tuple(planes), stored=tuple(stored), task_tensors=task_tensors)
