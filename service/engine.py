@@ -137,10 +137,6 @@ class Engine:
         with self._lock:
             return sorted(self._tasks.values(), key=lambda t: t.manifest.task)
 
-    def is_registered(self, name: str) -> bool:
-        with self._lock:
-            return name in self._tasks
-
     # --- inference (inference thread only) -------------------------------------------------------
     def task_weights(self, task: LoadedTask) -> torch.Tensor:
         """The task's masked flat weight buffer, from the cache or freshly applied."""

@@ -60,8 +60,3 @@ class TaskInfo(BaseModel):
             preprocess=manifest.preprocess,
             training=manifest.training,
         )
-
-
-class Health(BaseModel):
-    status: str
-    detail: str = ""

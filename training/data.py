@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -132,8 +131,3 @@ def write_image_folder(dataset: ArrayImageDataset, root: Path, split: str) -> No
         target = Path(root) / split / label / f"{index:06d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(dataset.images[index]).save(target)
-
-
-def to_device_batches(loader, device: torch.device):
-    for images, labels in loader:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
