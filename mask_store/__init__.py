@@ -19,8 +19,10 @@ from mask_store.errors import (
     MaskStoreError,
     TaskNotFound,
     UnsupportedArchitecture,
+    UnsupportedImage,
 )
 from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
+from mask_store.image_modes import normalize_image
 from mask_store.preprocess import build_transform
 from mask_store.store import TaskStore, TaskVersionExists
 
@@ -38,6 +40,7 @@ __all__ = [
     "TaskStore",
     "TaskVersionExists",
     "UnsupportedArchitecture",
+    "UnsupportedImage",
     "artifact_bytes",
     "build_backbone",
     "build_transform",
@@ -45,6 +48,7 @@ __all__ = [
     "load_artifact",
     "make_artifact",
     "maskable_layers",
+    "normalize_image",
     "read_manifest",
     "replace_head",
     "save_artifact",

@@ -19,3 +19,7 @@ class BackboneMismatch(MaskStoreError):
 
 class UnsupportedArchitecture(MaskStoreError):
     """The model has no layers Piggyback can mask, no recognisable classifier head, or no such arch."""
+
+
+class UnsupportedImage(MaskStoreError):
+    """An image whose pixels cannot be brought to 8-bit L/RGB faithfully (the service answers 415)."""

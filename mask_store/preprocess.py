@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from torchvision import transforms
 
+from mask_store.image_modes import normalize_image
 from mask_store.manifest import Preprocess
 
 
 def build_transform(spec: Preprocess) -> transforms.Compose:
-    """PIL image → normalized float tensor [3, size, size], exactly as the task saw it in training."""
+    """PIL image (any mode, EXIF-oriented) → normalized float tensor [3, size, size], as in training."""
     mode = "L" if spec.grayscale else "RGB"
     steps = [
-        transforms.Lambda(lambda image: image if image.mode == mode else image.convert(mode)),
+        transforms.Lambda(lambda image: normalize_image(image, mode)),
         transforms.Resize((spec.size, spec.size), interpolation=transforms.InterpolationMode.BILINEAR),
     ]
     if spec.grayscale:

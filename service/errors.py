@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mask_store import BackboneMismatch, CorruptArtifact, TaskNotFound, TaskVersionExists
+from mask_store import BackboneMismatch, CorruptArtifact, TaskNotFound, TaskVersionExists, UnsupportedImage
 
 
 class ServiceError(Exception):
@@ -49,6 +49,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     CorruptArtifact: 422,
     BackboneMismatch: 422,
     TaskVersionExists: 409,
+    UnsupportedImage: 415,
 }
 
 

@@ -114,12 +114,21 @@ def class_counts(dataset) -> np.ndarray:
     return np.bincount(labels, minlength=len(dataset.classes))
 
 
+def open_image(path: str) -> Image.Image:
+    """ImageFolder's loader without its `convert("RGB")`, which saturates 16-bit pixels: the task's
+    transform brings every mode to 8 bits exactly as the service does."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    return image
+
+
 def image_folder(root: Path, split: str, preprocess: Preprocess) -> datasets.ImageFolder:
     """`root/<split>/<class>/*.png` with the task's transform; classes sorted by folder name."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory: expected DIR/train/<class>/ and DIR/val/<class>/")
-    ds = datasets.ImageFolder(str(folder), transform=build_transform(preprocess))
+    ds = datasets.ImageFolder(str(folder), transform=build_transform(preprocess), loader=open_image)
     ds.labels = np.asarray(ds.targets)
     return ds
 
