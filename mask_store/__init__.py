@@ -21,8 +21,8 @@ from mask_store.errors import (
     UnsupportedArchitecture,
     UnsupportedImage,
 )
-from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
 from mask_store.image_modes import normalize_image
+from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
 from mask_store.preprocess import build_transform
 from mask_store.store import TaskStore, TaskVersionExists
 

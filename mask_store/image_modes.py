@@ -32,7 +32,7 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
     low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
     if image.mode == "I":  # PNG 16-bit grayscale decodes as I on some Pillow versions
         if low < 0 or high > 65535:
-            raise UnsupportedImage(f"32-bit integer pixels outside 0..65535 ({low:.0f}..{high:.0f}); save as 8 or 16 bit")
+            raise UnsupportedImage(f"integer pixels outside 0..65535 ({low:.0f}..{high:.0f}); save as 8 or 16 bit")
         return _rescale_to_uint8(pixels, 255.0 / 65535.0)
     if low < 0 or high > 255:
         raise UnsupportedImage(f"{FLOAT_RANGES}; this one spans {low:g}..{high:g}")
