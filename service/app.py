@@ -21,15 +21,14 @@ from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.routes import admin, health, tasks
 from service.settings import Settings
+from service.store_watcher import StoreWatcher
 
 log = logging.getLogger("piggyback.service")
 
 
 def _load_engine(settings: Settings, metrics: Metrics) -> Engine:
     engine = Engine(settings, metrics)
-    engine.load_store()
-    if settings.warmup:
-        engine.warm_up()
+    engine.load_store()  # every task proves itself with a forward: that is the warm-up
     return engine
 
 
@@ -39,6 +38,7 @@ async def lifespan(app: FastAPI):
     if state.settings.admin_token is None:
         log.warning("PIGGYBACK_ADMIN_TOKEN is not set: the /admin routes refuse every request")
     state.batcher = None
+    state.watcher = None
 
     async def start() -> None:
         try:
@@ -49,15 +49,21 @@ async def lifespan(app: FastAPI):
             return
         state.batcher = Batcher(engine, state.settings.max_batch_size, state.settings.max_batch_delay_ms / 1000)
         state.batcher.start()
+        state.watcher = StoreWatcher(engine, state.settings.store_poll_s)
+        state.watcher.start()
         state.engine = engine
         state.ready.set()
         log.info("ready: %d tasks (%s)", len(engine.tasks()), ", ".join(t.manifest.task for t in engine.tasks()))
+        for name, reason in engine.failed.items():
+            log.error("not serving task %s: %s", name, reason)
 
     starter = asyncio.create_task(start())
     try:
         yield
     finally:
         await starter
+        if state.watcher is not None:
+            state.watcher.stop()
         if state.batcher is not None:
             await state.batcher.stop()
 

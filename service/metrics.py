@@ -52,5 +52,18 @@ class Metrics:
             "piggyback_task_cache_events", "Task weight cache hits, misses and evictions", ["event"], registry=r
         )
 
+        self.task_load_failures = Counter(
+            "piggyback_task_load_failures",
+            "Stored task versions this replica could not load or prove (it keeps serving the previous one)",
+            ["kind"],
+            registry=r,
+        )
+        self.store_sync_errors = Counter(
+            "piggyback_store_sync_errors",
+            "Polls of the shared store that failed (the replica keeps serving what it has)",
+            ["kind"],
+            registry=r,
+        )
+
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event=event).inc()

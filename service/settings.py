@@ -16,7 +16,10 @@ class Settings(BaseSettings):
 
     backbone: str = Field("resnet18", description="torchvision architecture of the shared backbone")
     weights: str | None = Field(None, description="backbone state_dict file, or a torchvision weights name")
-    store: Path = Field(Path(".cache/demo/store"), description="task store directory")
+    store: str = Field(".cache/demo/store", description="task store: a directory or s3://bucket/prefix")
+    store_poll_s: float = Field(
+        1.0, gt=0, description="how often the store is checked for changes made by other replicas (seconds)"
+    )
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset disables admin")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -31,8 +34,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard (width * height)")
     max_request_bytes: int = Field(64 * MIB, ge=1)
     max_artifact_bytes: int = Field(1024 * MIB, ge=1)
-    warmup: bool = True
     log_level: str = "info"
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_location_text(cls, location: str | Path) -> str:
+        return str(location)
 
     @field_validator("admin_token")
     @classmethod
