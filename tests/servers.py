@@ -65,3 +65,32 @@ def jpeg_bytes(seed: int = 0, size: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def service_process(env: dict[str, str], timeout: float = 120.0):
+    """`python -m service` as a user runs it, configured by PIGGYBACK_* variables; yields its base URL.
+
+    Stopped with SIGTERM (then SIGKILL) even when the test fails.
+    """
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    full_env = {**os.environ, "PIGGYBACK_HOST": "127.0.0.1", "PIGGYBACK_PORT": str(port), "PIGGYBACK_DEVICE": "cpu"}
+    full_env.update(env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=timeout, process=process)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
