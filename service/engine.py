@@ -125,6 +125,7 @@ class Engine:
             self._tasks.pop(name, None)
             self.metrics.registered_tasks.set(len(self._tasks))
         self.cache.discard(lambda key: key[0] == name)
+        self.metrics.forget_task(name)
 
     def task(self, name: str) -> LoadedTask:
         with self._lock:

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store import BackboneMismatch, CorruptArtifact, TaskNotFound, TaskVersionExists, UnsupportedImage
+from mask_store.objects import StoreFull, StoreUnavailable
 
 
 class ServiceError(Exception):
@@ -40,21 +41,19 @@ class NotReady(ServiceError):
     status_code = 503
 
 
-class AdminDisabled(ServiceError):
-    status_code = 403
-
-
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     TaskNotFound: 404,
     CorruptArtifact: 422,
     BackboneMismatch: 422,
     TaskVersionExists: 409,
     UnsupportedImage: 415,
+    StoreFull: 507,  # before StoreUnavailable, its base class: status_for takes the first match
+    StoreUnavailable: 503,
 }
 
 
 def status_for(exc: Exception) -> int:
-    """The HTTP status an exception becomes (500 for anything not a known client error)."""
+    """The HTTP status an exception becomes (500 for anything not a known client or storage error)."""
     if isinstance(exc, ServiceError | StarletteHTTPException):
         return exc.status_code
     return next((status for error, status in STATUS_BY_ERROR.items() if isinstance(exc, error)), 500)
