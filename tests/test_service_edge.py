@@ -176,6 +176,7 @@ def series(exposition: str) -> list[str]:
     return [line.rsplit(" ", 1)[0] for line in exposition.splitlines() if line and not line.startswith("#")]
 
 
+@pytest.mark.slow  # 50 uploads and predictions: about 20 s on 2 cores
 def test_register_unregister_cycles_do_not_grow_metrics(served, artifact):
     base, _ = served
     baseline = None
