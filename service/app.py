@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.admin_auth import AdminAuth
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
+from service.request_context import RequestContext
 from service.routes import admin, health, tasks
 from service.settings import Settings
 from service.store_watcher import StoreWatcher
@@ -84,7 +86,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    # Outermost last: request id and JSON 500s around everything, then the admin token (headers only),
+    # then the body size limit, so an unauthenticated client learns nothing and uploads nothing.
     app.add_middleware(
         BodySizeLimit, limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024}, default=settings.max_request_bytes
     )
+    app.add_middleware(AdminAuth, token=settings.admin_token)
+    app.add_middleware(RequestContext)
     return app

@@ -167,6 +167,7 @@ class Engine:
             self.metrics.registered_tasks.set(len(self._tasks))
         if task is not None:
             self.cache.discard(lambda key: key == task.identity)
+        self.metrics.forget_task(name)
 
     def register(self, data: bytes) -> LoadedTask:
         """Validate, prove it runs, store durably, then activate. A refusal changes nothing; an

@@ -65,5 +65,10 @@ class Metrics:
             registry=r,
         )
 
+    def forget_task(self, name: str) -> None:
+        """Remove every series labelled with task `name`, so unregistered tasks do not pile up in /metrics."""
+        for metric in (self.request_latency, self.queue_wait, self.forward, self.batch_size):
+            metric.remove_by_labels({"task": name})
+
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event=event).inc()

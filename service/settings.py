@@ -44,11 +44,13 @@ class Settings(BaseSettings):
     @field_validator("admin_token")
     @classmethod
     def _token_strong_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is None or not token.get_secret_value():
+        # Stripped: a token read from a secret file ends in a newline that no client ever sends.
+        value = token.get_secret_value().strip() if token is not None else ""
+        if not value:
             return None  # unset or empty: admin routes disabled
-        if len(token.get_secret_value()) < 16:
+        if len(value) < 16:
             raise ValueError("PIGGYBACK_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
-        return token
+        return SecretStr(value)
 
     def resolved_device(self) -> str:
         import torch

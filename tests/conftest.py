@@ -82,3 +82,37 @@ def run_training_cli(weights, data, task: str, out, *extra: str):
                "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
                "--grayscale", "--no-progress", *extra]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(autouse=True)
+def http_contract_guard(request, monkeypatch):
+    """Fail the test on any 500 or non-JSON answer from a server it started (see tests/http_guard.py)."""
+    import httpx
+
+    from tests.http_guard import contract_violation, is_service_url
+
+    allow = request.node.get_closest_marker("allow_server_errors") is not None
+    violations: list[str] = []
+
+    def check(response: httpx.Response) -> None:
+        if is_service_url(response.request.url) and (problem := contract_violation(response, allow)):
+            violations.append(problem)
+            raise AssertionError(f"HTTP contract broken: {problem}")
+
+    sync_send, async_send = httpx.Client.send, httpx.AsyncClient.send
+
+    def send(self, request, **kwargs):
+        response = sync_send(self, request, **kwargs)
+        check(response)
+        return response
+
+    async def asend(self, request, **kwargs):
+        response = await async_send(self, request, **kwargs)
+        check(response)
+        return response
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    monkeypatch.setattr(httpx.AsyncClient, "send", asend)
+    yield
+    # also catches a violation whose AssertionError a worker thread or a broad `except` swallowed
+    assert not violations, "HTTP contract broken:\n" + "\n".join(violations)
