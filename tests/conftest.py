@@ -82,3 +82,12 @@ def run_training_cli(weights, data, task: str, out, *extra: str):
                "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
                "--grayscale", "--no-progress", *extra]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback with a bucket and one user's keys (tests/s3_server.py); stopped by pid."""
+    from tests.s3_server import moto_s3
+
+    with moto_s3() as server:
+        yield server
