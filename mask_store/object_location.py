@@ -16,8 +16,10 @@ def is_s3_location(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith("s3://")
 
 
-def open_objects(location: str | Path) -> ObjectStore:
-    """The backend for `location`; an S3 bucket is checked for reachability here, at start-up."""
+def open_objects(location: str | Path | ObjectStore) -> ObjectStore:
+    """The backend for `location` (an open store passes through); an S3 bucket is checked here, at start-up."""
+    if isinstance(location, ObjectStore):
+        return location
     if not is_s3_location(location):
         return LocalObjects(location)
     try:

@@ -211,7 +211,8 @@ def test_the_directory_store_never_imports_boto3(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert isinstance(open_objects(tmp_path / "p"), LocalObjects)
+    local = open_objects(tmp_path / "p")
+    assert isinstance(local, LocalObjects) and open_objects(local) is local
 
 
 # -- S3 faults: each one a clear StoreUnavailable that names what to fix, within seconds -------------
