@@ -116,3 +116,12 @@ def http_contract_guard(request, monkeypatch):
     yield
     # also catches a violation whose AssertionError a worker thread or a broad `except` swallowed
     assert not violations, "HTTP contract broken:\n" + "\n".join(violations)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback with a bucket and one user's keys (tests/s3_server.py); stopped by pid."""
+    from tests.s3_server import moto_s3
+
+    with moto_s3() as server:
+        yield server
