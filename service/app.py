@@ -19,7 +19,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
-from service.routes import admin, health, tasks
+from service.routes import admin, health, tasks, v2
 from service.settings import Settings
 
 log = logging.getLogger("piggyback.service")
@@ -78,7 +78,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
     app.add_middleware(
-        BodySizeLimit, limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024}, default=settings.max_request_bytes
+        BodySizeLimit,
+        limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024},
+        default=settings.max_request_bytes,  # /v2 infer bodies too: the same bound as a multipart predict
+        error_keys={"/v2/": "error"},
     )
     return app

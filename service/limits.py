@@ -10,12 +10,17 @@ class BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Limit by path prefix: checks Content-Length up front and counts streamed (chunked) bytes too."""
+    """Limit by path prefix: checks Content-Length up front and counts streamed (chunked) bytes too.
 
-    def __init__(self, app, limits: dict[str, int], default: int):
+    `error_keys` names, by path prefix, the JSON key of the refusal's message where a protocol wants
+    another than "detail" (the Open Inference Protocol's "error").
+    """
+
+    def __init__(self, app, limits: dict[str, int], default: int, error_keys: dict[str, str] | None = None):
         self.app = app
         self.limits = sorted(limits.items(), key=lambda item: -len(item[0]))
         self.default = default
+        self.error_keys = error_keys or {}
 
     def _limit(self, path: str) -> int:
         return next((limit for prefix, limit in self.limits if path.startswith(prefix)), self.default)
@@ -26,7 +31,7 @@ class BodySizeLimit:
         limit = self._limit(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit)
+            return await self._refuse(send, limit, self._error_key(scope["path"]))
         received = 0
         started = False
 
@@ -48,11 +53,14 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send, limit)
+                await self._refuse(send, limit, self._error_key(scope["path"]))
+
+    def _error_key(self, path: str) -> str:
+        return next((key for prefix, key in self.error_keys.items() if path.startswith(prefix)), "detail")
 
     @staticmethod
-    async def _refuse(send, limit: int) -> None:
-        body = json.dumps({"detail": f"request body larger than {limit} bytes; send fewer or smaller files"}).encode()
+    async def _refuse(send, limit: int, key: str) -> None:
+        body = json.dumps({key: f"request body larger than {limit} bytes; send fewer or smaller files"}).encode()
         await send(
             {
                 "type": "http.response.start",
