@@ -8,19 +8,21 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.http as httpclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from mask_store import TaskStore, artifact_bytes, build_transform
 from tests.conftest import random_task_artifact
 from tests.servers import free_port, jpeg_bytes, png_bytes, wait_ready
 
-httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'tritonclient[http]' (the dev extra)")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+pytestmark = pytest.mark.slow  # starts the server as its own process
 
 LABELS = ("zero", "one", "two", "three")
 IMAGES = [png_bytes(1), png_bytes(2, mode="RGB"), jpeg_bytes(3, size=40)]
@@ -243,3 +245,16 @@ def test_v2_requests_are_counted_in_the_same_metrics(server, client):
     before = served()
     client.infer("alpha", [image_input(IMAGES[:1], True)])
     assert served() == before + 1
+
+
+def test_readme_example_runs(server, tmp_path):
+    base, _ = server
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Open Inference Protocol") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python\n") + 10)]
+    assert len(example.strip().splitlines()) == 3
+    (tmp_path / "digit.png").write_bytes(IMAGES[0])
+    example = example.replace("127.0.0.1:8000", base.removeprefix("http://")).replace('"mnist"', '"alpha"')
+    run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("[[") and len(run.stdout.split()) == len(LABELS)
