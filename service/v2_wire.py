@@ -21,6 +21,7 @@ import numpy as np
 from service.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_END = object()
 NUMPY_DTYPES = {"FP32": np.dtype("<f4")}  # the only numeric datatype our models take or give
 
 
@@ -57,7 +58,10 @@ class InputTensor:
             raise BadRequest(f"input {self.name!r}: {self.datatype} data must be numbers")
         if len(elements) != count:
             raise BadRequest(f"input {self.name!r}: {len(elements)} values for shape {self.shape}; expected {count}")
-        return np.asarray(elements, dtype=dtype).reshape(self.shape)
+        try:
+            return np.asarray(elements, dtype=dtype).reshape(self.shape)
+        except OverflowError as exc:
+            raise BadRequest(f"input {self.name!r}: a value does not fit {self.datatype} ({exc})") from exc
 
 
 @dataclass
@@ -104,11 +108,16 @@ class OutputTensor:
 
 
 def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    flat = []
-    for item in data:
-        flat.extend(_flatten(item))
+    """Row-major elements of a (possibly nested) JSON array; iterative, so no nesting depth can overflow."""
+    flat, stack = [], [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            flat.append(item)
     return flat
 
 
@@ -155,7 +164,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         request = _object(json.loads(body), "the inference request")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadRequest(f"the inference request is not valid JSON ({exc})") from exc
     parameters = _parameters(request, "request")
     raw_inputs = request.get("inputs")

@@ -130,7 +130,8 @@ def test_fp32_tensors_equal_our_own_route(server, client, binary):
     np.testing.assert_array_equal(result.as_numpy("probabilities"), own_route_probabilities(base, IMAGES))
 
 
-def test_classification_extension_gives_our_top_k(server, client):
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_classification_extension_gives_our_top_k(server, client, binary):
     base, _ = server
     top_k = httpx.post(
         f"{base}/tasks/alpha/predict", params={"top_k": 2}, files=[("images", ("a.png", IMAGES[0]))]
@@ -138,11 +139,12 @@ def test_classification_extension_gives_our_top_k(server, client):
     result = client.infer(
         "alpha",
         [image_input(IMAGES[:1], True)],
-        outputs=[httpclient.InferRequestedOutput("probabilities", class_count=2)],
+        outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)],
     )
     classes = result.as_numpy("probabilities")
     assert classes.shape == (1, 2)
-    parsed = [entry.decode().split(":") for entry in classes[0]]
+    # the client gives bytes from the binary form, str from JSON
+    parsed = [(entry.decode() if isinstance(entry, bytes) else entry).split(":") for entry in classes[0]]
     assert [(float(s), int(i), label) for s, i, label in parsed] == [
         (t["score"], t["index"], t["label"]) for t in top_k
     ]
@@ -202,6 +204,11 @@ def test_bad_requests_get_the_protocols_error(server, client, model, version, ma
     assert client.infer("alpha", [image_input(IMAGES[:1], True)]).as_numpy("probabilities").shape == (1, len(LABELS))
 
 
+FP32_JSON = (
+    b'{"inputs": [{"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.5'
+    + b", 0.5" * (3 * 16 * 16 - 1)
+    + b"]}]}"
+)
 BINARY_HEADER = (
     b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 7}}]}'
 )
@@ -215,10 +222,24 @@ BINARY_HEADER = (
         (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES"}]}', {}, "neither"),
         (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["!!"]}]}', {}, "base64"),
         (b'{"inputs": [{"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [1]}]}', {}, "values"),
+        (FP32_JSON.replace(b"[0.5", b"[1e999"), {}, "infinite"),
+        (FP32_JSON.replace(b"[0.5", b"[" + b"9" * 500), {}, "does not fit"),
+        (FP32_JSON.replace(b"[0.5", b"[" * 5000 + b"0.5" + b"]" * 5000), {}, "JSON"),
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, "Inference-Header-Content-Length"),
         (BINARY_HEADER + b"\x05\x00\x00\x00abc", {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}, "BYTES"),
     ],
-    ids=["not-json", "no-inputs", "no-data", "bad-base64", "too-few-values", "header-past-body", "bad-bytes-framing"],
+    ids=[
+        "not-json",
+        "no-inputs",
+        "no-data",
+        "bad-base64",
+        "too-few-values",
+        "infinite",
+        "huge-integer",
+        "deep-nesting",
+        "header-past-body",
+        "bad-bytes-framing",
+    ],
 )
 def test_malformed_bodies_get_400_with_error(server, body, headers, says):
     response = httpx.post(f"{server[0]}/v2/models/alpha/infer", content=body, headers=headers)
