@@ -279,3 +279,19 @@ def test_readme_example_runs(server, tmp_path):
     run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("[[") and len(run.stdout.split()) == len(LABELS)
+
+
+def test_while_loading_every_v2_route_but_live_answers_503_error(tmp_path, backbone_file):
+    """Without its lifespan the app never becomes ready: the protocol's 503, and /docs still describes infer."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import server_settings
+
+    client = TestClient(create_app(server_settings(backbone_file, tmp_path / "store")))
+    assert client.get("/v2/health/live").status_code == 200
+    for method, path in [("GET", "/v2/health/ready"), ("GET", "/v2/models/alpha"), ("POST", "/v2/models/alpha/infer")]:
+        response = client.request(method, path, content=b"{}")
+        assert response.status_code == 503 and "loading" in response.json()["error"], response.text
+    infer = client.get("/openapi.json").json()["paths"]["/v2/models/{name}/infer"]["post"]
+    assert "application/octet-stream" in infer["requestBody"]["content"]

@@ -238,14 +238,32 @@ async def _infer(name: str, version: str | None, request: Request, engine, batch
         metrics.request_latency.labels(task=label, status=str(status)).observe(time.perf_counter() - started)
 
 
-@router.post("/models/{name}/infer")
+# The body is read raw (JSON, or JSON + binary tensors); this documents it in /docs.
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "description": "an inference request: 'inputs', optional 'outputs'"},
+                "example": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["<base64>"]}]},
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON request then binary tensors; header Inference-Header-Content-Length",
+            },
+        },
+    }
+}
+
+
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
 async def infer(
     name: str, request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Response:
     return await _infer(name, None, request, engine, batcher, settings, metrics)
 
 
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
 async def infer_version(
     name: str,
     version: str,
