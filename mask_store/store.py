@@ -31,7 +31,8 @@ from mask_store.artifact import TaskArtifact, artifact_identity, parse_artifact
 from mask_store.backbone import BackboneLayout
 from mask_store.errors import CorruptArtifact, MaskStoreError, TaskNotFound
 from mask_store.manifest import Manifest
-from mask_store.objects import LocalObjects, ObjectConflict, ObjectStore, StoreUnavailable
+from mask_store.object_location import open_objects
+from mask_store.objects import ObjectConflict, ObjectStore, StoreUnavailable
 
 log = logging.getLogger("piggyback.store")
 INDEX_KEY = "_index.json"
@@ -66,17 +67,6 @@ class LiveTask:
     name: str
     version: int
     identity: str
-
-
-def open_objects(location: str | Path | ObjectStore) -> ObjectStore:
-    """The backend for a store location: `s3://bucket/prefix` or a directory path."""
-    if isinstance(location, ObjectStore):
-        return location
-    if str(location).startswith("s3://"):
-        from mask_store.s3_objects import S3Objects  # optional dependency: only S3 users need it
-
-        return S3Objects(str(location))
-    return LocalObjects(location)
 
 
 class TaskStore:

@@ -21,7 +21,7 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.request_context import RequestContext
-from service.routes import admin, health, tasks
+from service.routes import admin, health, tasks, v2
 from service.settings import Settings
 from service.store_watcher import StoreWatcher
 
@@ -86,10 +86,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
     # Outermost last: request id and JSON 500s around everything, then the admin token (headers only),
     # then the body size limit, so an unauthenticated client learns nothing and uploads nothing.
     app.add_middleware(
-        BodySizeLimit, limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024}, default=settings.max_request_bytes
+        BodySizeLimit,
+        limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024},
+        default=settings.max_request_bytes,  # /v2 infer bodies too: the same bound as a multipart predict
+        error_keys={"/v2/": "error"},
     )
     app.add_middleware(AdminAuth, token=settings.admin_token)
     app.add_middleware(RequestContext)

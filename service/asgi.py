@@ -19,10 +19,11 @@ def count_error(scope, kind: str) -> None:
         metrics.errors.labels(kind=kind).inc()
 
 
-async def send_json_error(send, status: int, detail: str, headers=(), close: bool = False) -> None:
-    """Send `{"detail": detail}` with `status`. `close` ends the connection afterwards: use it when the
-    request body is left unread, so the client stops sending instead of uploading the rest for nothing."""
-    body = json.dumps({"detail": detail}).encode()
+async def send_json_error(send, status: int, detail: str, headers=(), close: bool = False, key: str = "detail") -> None:
+    """Send `{key: detail}` with `status` (`key` is "error" under the Open Inference Protocol). `close`
+    ends the connection afterwards: use it when the request body is left unread, so the client stops
+    sending instead of uploading the rest for nothing."""
+    body = json.dumps({key: detail}).encode()
     response_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
