@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 
 import torch
 
@@ -125,3 +126,23 @@ def s3_server():
 
     with moto_s3() as server:
         yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS variables pointing at the test server, for this process and its children."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in s3_server.env(AWS_EC2_METADATA_DISABLED="true").items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_location(request, tmp_path) -> tuple[str, str]:
+    """(kind, location): a fresh directory, or a fresh prefix in the shared test bucket."""
+    if request.param == "local":
+        return "local", str(tmp_path / "store")
+    server = request.getfixturevalue("s3_env")
+    return "s3", f"s3://{server.bucket}/{uuid.uuid4().hex}"

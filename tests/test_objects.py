@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,23 +24,8 @@ WORKERS = Path(__file__).with_name("object_workers.py")
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """The standard AWS variables pointing at the test server, for this process and its children."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in s3_server.env(AWS_EC2_METADATA_DISABLED="true").items():
-        monkeypatch.setenv(name, value)
-    return s3_server
-
-
-@pytest.fixture(params=["local", "s3"])
-def backend(request, tmp_path) -> tuple[str, str]:
-    """(kind, location): a fresh directory, or a fresh prefix in the shared test bucket."""
-    if request.param == "local":
-        return "local", str(tmp_path / "store")
-    server = request.getfixturevalue("s3_env")
-    return "s3", f"s3://{server.bucket}/{uuid.uuid4().hex}"
+def backend(store_location) -> tuple[str, str]:
+    return store_location
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Two `python -m service` processes on one store converge: registrations, new versions and
+"""Two `python -m service` processes on one store (directory or S3 bucket) converge: registrations, new versions and
 unregistrations made through either are served by both within two seconds, while a stream of
 predictions on both never fails and every answer comes from the version it reports."""
 
@@ -71,8 +71,9 @@ def version_served(base: str, task: str) -> int | None:
 
 
 @pytest.mark.slow
-def test_two_processes_on_one_store_converge_without_failing_a_request(tmp_path, backbone_file, resnet18):
-    store = tmp_path / "store"
+def test_two_processes_on_one_store_converge_without_failing_a_request(store_location, backbone_file, resnet18):
+    """On a shared directory, and on one bucket of a real S3-compatible server."""
+    store = store_location[1]
     stable = random_task_artifact(resnet18, "resnet18", task="s", seed=1)
     t1 = random_task_artifact(resnet18, "resnet18", task="t", version=1, seed=2)
     t2 = random_task_artifact(resnet18, "resnet18", task="t", version=2, seed=3)

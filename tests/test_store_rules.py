@@ -30,22 +30,33 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_version_not_higher_than_the_live_one_is_refused(tmp_path, versions, resnet18_layout):
-    store = TaskStore(tmp_path)
+def visible(store: TaskStore) -> dict[str, tuple[str | None, bytes | None]]:
+    """Every object of the store with its tag (ETag on S3) and bytes: equal means nothing changed."""
+    return {key: (store.objects.tag(key), store.objects.get(key)) for key in store.objects.list()}
+
+
+@pytest.fixture
+def any_store(store_location) -> TaskStore:
+    """A fresh store on each backend: a directory, and a prefix of a bucket on a real S3 server."""
+    return TaskStore(store_location[1])
+
+
+def test_a_version_not_higher_than_the_live_one_is_refused(any_store, versions, resnet18_layout):
+    store = any_store
     store.put(versions[2], resnet18_layout)
-    before = files(tmp_path)
+    before = visible(store)
     for stale in (1, 2):
         with pytest.raises(TaskVersionExists, match="not higher than its live version 2"):
             store.put(versions[stale], resnet18_layout)
-        assert files(tmp_path) == before
+        assert visible(store) == before
     store.put(versions[3], resnet18_layout)
     assert store.versions("t") == [2, 3] and store.get("t").manifest.version == 3
     assert store.live_tasks()["t"].version == 3
 
 
-def test_racing_uploads_leave_the_highest_version_live(tmp_path, versions, resnet18_layout):
+def test_racing_uploads_leave_the_highest_version_live(store_location, versions, resnet18_layout):
     for trial in range(4):
-        store = TaskStore(tmp_path / str(trial))
+        store = TaskStore(f"{store_location[1]}/{trial}")
         store.put(versions[1])
         outcomes = {}
         barrier = threading.Barrier(2)
@@ -96,11 +107,11 @@ store.put(open(sys.argv[2], "rb").read())
 """
 
 
-def test_a_writer_killed_before_publishing_leaves_no_visible_task(tmp_path, versions):
-    root, upload = tmp_path / "store", tmp_path / "upload.safetensors"
+def test_a_writer_killed_before_publishing_leaves_no_visible_task(store_location, tmp_path, versions):
+    root, upload = store_location[1], tmp_path / "upload.safetensors"
     TaskStore(root).put(versions[1])
     upload.write_bytes(versions[2])
-    done = subprocess.run([sys.executable, "-c", KILL_BEFORE_PUBLISH, str(root), str(upload)], timeout=120)
+    done = subprocess.run([sys.executable, "-c", KILL_BEFORE_PUBLISH, root, str(upload)], timeout=120)
     assert done.returncode == -9
     store = TaskStore(root)
     assert len(store.objects.list()) == 3  # index, v1, and the unnamed v2 object the writer left
@@ -183,14 +194,34 @@ def test_a_full_disk_is_a_typed_error_and_loses_nothing(tmp_path, versions):
             store.get("t")
 
 
-def test_withdraw_returns_the_store_to_its_previous_tasks(tmp_path, versions):
-    store = TaskStore(tmp_path)
+def test_withdraw_returns_the_store_to_its_previous_tasks(any_store, versions):
+    store = any_store
     store.put(versions[1])
-    before = {k: v for k, v in files(tmp_path).items() if k != "_index.json"}
+    before = {k: v for k, v in visible(store).items() if k != "_index.json"}
     store.put(versions[2])
     store.withdraw("t", 2)
     assert store.versions("t") == [1]
-    assert {k: v for k, v in files(tmp_path).items() if k != "_index.json"} == before
+    assert {k: v for k, v in visible(store).items() if k != "_index.json"} == before
+
+
+def test_put_get_versions_delete_on_every_backend(any_store, versions, resnet18_layout):
+    store = any_store
+    assert store.names() == [] and store.index_tag() is None
+    store.put(versions[1], resnet18_layout)
+    store.put(versions["u"], resnet18_layout)
+    tag = store.index_tag()
+    store.put(versions[2], resnet18_layout)
+    assert store.index_tag() != tag  # the change marker moves with every change
+    assert store.names() == ["t", "u"] and store.versions("t") == [1, 2]
+    assert store.get("t").manifest.version == 2 and store.get("t", 1).manifest.version == 1
+    assert [m.task for m in store.list()] == ["t", "u"]
+    assert {name: live.version for name, live in store.live_tasks().items()} == {"t": 2, "u": 1}
+    store.delete("t")
+    assert store.names() == ["u"] and [k for k in store.objects.list() if k.startswith("t/")] == []
+    with pytest.raises(TaskNotFound):
+        store.get("t")
+    with pytest.raises(TaskNotFound):
+        store.delete("t")
 
 
 def test_os_errors_outside_the_store_are_not_swallowed(tmp_path):
