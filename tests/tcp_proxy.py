@@ -11,9 +11,10 @@ import threading
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to `target`; `stop()` closes the listener and every connection."""
 
-    def __init__(self, target: tuple[str, int]):
+    def __init__(self, target: tuple[str, int], port: int = 0):
+        """`port`: listen where an earlier, stopped proxy did (the network coming back)."""
         self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()

@@ -1,0 +1,58 @@
+"""A replica on S3 whose network fails while a new version is published keeps serving the version it
+has, counts the failed polls, and picks the new version up once the store is reachable again."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from mask_store import StoreUnavailable, TaskStore, artifact_bytes
+from service.engine import Engine
+from service.metrics import Metrics
+from service.store_watcher import StoreWatcher
+from tests.conftest import random_task_artifact, server_settings
+from tests.tcp_proxy import TcpProxy
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.02)
+
+
+def test_a_replica_keeps_serving_through_a_store_outage_and_catches_up(s3_env, monkeypatch, backbone_file, resnet18):
+    location = f"s3://{s3_env.bucket}/outage"
+    writer = TaskStore(location)  # another replica, with a working network
+    writer.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=1, seed=1)))
+    target = urlparse(s3_env.endpoint)
+    proxy = TcpProxy((target.hostname, target.port))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # this replica reaches S3 only through the proxy
+    engine = Engine(server_settings(backbone_file, location), Metrics())
+    engine.load_store()
+    images = torch.randn(2, 3, 16, 16)
+    before = engine.forward_task(engine.task("t"), images)
+
+    writer.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=2, seed=2)))
+    proxy.stop()  # the network fails
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
+        engine.sync_with_store()
+    watcher = StoreWatcher(engine, interval_s=0.05)
+    watcher.start()
+    try:
+        failed_polls = engine.metrics.store_sync_errors.labels(kind="StoreUnavailable")._value.get
+        wait_for(lambda: failed_polls() >= 2, "the watcher retries and counts each failed poll")
+        assert engine.task("t").version == 1 and engine.failed == {}
+        assert torch.equal(engine.forward_task(engine.task("t"), images), before)
+
+        restored = TcpProxy((target.hostname, target.port), port=proxy.port)  # the network comes back
+        try:
+            wait_for(lambda: engine.task("t").version == 2, "version 2 served once the store is back")
+        finally:
+            restored.stop()
+    finally:
+        watcher.stop()
+    assert not torch.equal(engine.forward_task(engine.task("t"), images), before)
