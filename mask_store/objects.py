@@ -19,13 +19,12 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 from mask_store.errors import MaskStoreError
-from mask_store.fsio import fsync_dir
+from mask_store.fsio import atomic_write_bytes, fsync_dir
 
 TEMP_PREFIX = ".piggyback-tmp-"
 LOCK_NAME = ".piggyback-lock"
@@ -136,20 +135,9 @@ class LocalObjects(ObjectStore):
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=TEMP_PREFIX)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            fsync_dir(path.parent)
+            atomic_write_bytes(path, data, temp_prefix=TEMP_PREFIX)
             if path.parent != self.root:
-                fsync_dir(self.root)
+                fsync_dir(self.root)  # the task's folder may be new
         except OSError as exc:
             raise _storage_error(exc, f"cannot write {key} to {self.root}") from exc
 

@@ -76,7 +76,8 @@ def _tamper_tensor_byte(data: bytes) -> bytes:
     return bytes(body)
 
 
-def _tamper_manifest(data: bytes, edit) -> bytes:
+def edit_manifest(data: bytes, edit) -> bytes:
+    """The artifact with its manifest JSON edited in place (tensors and checksums untouched)."""
     header_len = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + header_len])
     manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
@@ -103,18 +104,18 @@ BAD_ARTIFACTS = {
     "header-only": (lambda data, r: data[:20], CorruptArtifact),
     "flipped-tensor-byte": (lambda data, r: _tamper_tensor_byte(data), CorruptArtifact),
     "manifest-density-edited": (
-        lambda data, r: _tamper_manifest(data, lambda m: m["layers"][0].update(numel=1)),
+        lambda data, r: edit_manifest(data, lambda m: m["layers"][0].update(numel=1)),
         CorruptArtifact,
     ),
     "manifest-checksum-edited": (
-        lambda data, r: _tamper_manifest(data, lambda m: m["checksums"].update({"mask.nonzero": "0" * 64})),
+        lambda data, r: edit_manifest(data, lambda m: m["checksums"].update({"mask.nonzero": "0" * 64})),
         CorruptArtifact,
     ),
-    "bad-task-name": (lambda data, r: _tamper_manifest(data, lambda m: m.update(task="../escape")), CorruptArtifact),
+    "bad-task-name": (lambda data, r: edit_manifest(data, lambda m: m.update(task="../escape")), CorruptArtifact),
     "other-backbone-weights": (lambda data, r: _other_backbone_artifact(r), BackboneMismatch),
     "other-architecture": (lambda data, r: _wrong_arch_artifact(r), BackboneMismatch),
     "head-shape-mismatch": (
-        lambda data, r: _tamper_manifest(data, lambda m: m.update(labels=["only-one"])),
+        lambda data, r: edit_manifest(data, lambda m: m.update(labels=["only-one"])),
         BackboneMismatch,
     ),
     "same-version-again": (lambda data, r: data, TaskVersionExists),

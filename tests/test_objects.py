@@ -162,7 +162,7 @@ def test_a_writer_killed_mid_put_leaves_no_partial_object(backend, store):
         while time.monotonic() < deadline and writer.poll() is None:
             if proxy is not None and proxy.held.is_set():
                 break
-            if proxy is None and any(p.stat().st_size > 0 for p in Path(location).glob(f"{TEMP_PREFIX}*")):
+            if proxy is None and any(p.stat().st_size > 0 for p in Path(location).rglob(f"{TEMP_PREFIX}*")):
                 break  # a temporary is being written right now
             time.sleep(0.001)
         else:

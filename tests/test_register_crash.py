@@ -4,9 +4,7 @@ the new version, complete, and a service that starts."""
 
 from __future__ import annotations
 
-import json
 import random
-import struct
 import subprocess
 import sys
 import time
@@ -16,12 +14,12 @@ import pytest
 import torch
 
 from mask_store import TaskStore, artifact_bytes, build_backbone
-from mask_store.artifact import MANIFEST_KEY
 from mask_store.manifest import Preprocess
 from mask_store.synthetic import random_task_artifact
 from service.app import create_app
 from tests.conftest import ADMIN_TOKEN, server_settings
 from tests.servers import png_bytes, serve_in_thread, service_process
+from tests.test_artifact_store import edit_manifest
 from tests.test_store_rules import visible
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -69,14 +67,7 @@ print("done", flush=True)
 
 def _with_version(data: bytes, version: int) -> bytes:
     """The same artifact under another version: only the manifest in the header changes."""
-    length = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + length])
-    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
-    manifest["version"] = version
-    header["__metadata__"][MANIFEST_KEY] = json.dumps(manifest)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+    return edit_manifest(data, lambda manifest: manifest.update(version=version))
 
 
 def _timed_put(root, upload) -> float:

@@ -65,6 +65,12 @@ def wait_until(condition, what: str) -> float:
     return time.monotonic() - started
 
 
+def register(base: str, artifact) -> None:
+    files = {"artifact": ("t.safetensors", artifact_bytes(artifact))}
+    upload = httpx.post(f"{base}/admin/tasks", files=files, headers=AUTH, timeout=60)
+    assert upload.status_code == 201, upload.text
+
+
 def version_served(base: str, task: str) -> int | None:
     response = httpx.get(f"{base}/tasks/{task}", timeout=10)
     return response.json()["version"] if response.status_code == 200 else None
@@ -98,19 +104,13 @@ def test_two_processes_on_one_store_converge_without_failing_a_request(store_loc
         for stream in stable_streams:
             stream.start()
 
-        upload = httpx.post(
-            f"{a}/admin/tasks", files={"artifact": ("t.safetensors", artifact_bytes(t1))}, headers=AUTH, timeout=60
-        )
-        assert upload.status_code == 201, upload.text
+        register(a, t1)
         wait_until(lambda: version_served(b, "t") == 1, "registration on A served by B")
         task_streams = [Stream(base, "t", expected) for base in (a, b)]
         for stream in task_streams:
             stream.start()
 
-        upload = httpx.post(
-            f"{b}/admin/tasks", files={"artifact": ("t.safetensors", artifact_bytes(t2))}, headers=AUTH, timeout=60
-        )
-        assert upload.status_code == 201, upload.text
+        register(b, t2)
         wait_until(lambda: version_served(a, "t") == 2, "new version on B served by A")
         time.sleep(0.5)  # both streams answer from version 2 for a while
         for stream in task_streams:

@@ -7,8 +7,6 @@ down, read-only stores, and store folders named unlike their task.
 from __future__ import annotations
 
 import io
-import json
-import struct
 import threading
 
 import httpx
@@ -17,10 +15,10 @@ import torch
 from PIL import Image
 
 from mask_store import BackboneLayout, TaskStore, artifact_bytes, make_artifact
-from mask_store.artifact import MANIFEST_KEY
 from tests.conftest import ADMIN_TOKEN, random_task_artifact, server_settings
 from tests.reference_model import dedicated_network, expected_probabilities
 from tests.servers import png_bytes, serve_in_thread
+from tests.test_artifact_store import edit_manifest
 from tests.test_store_rules import mounted
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -81,17 +79,6 @@ def test_only_the_highest_version_goes_live_and_stays_live_after_restart(tmp_pat
         assert predict(base, "t").json()["version"] == 3
 
 
-def _edit_manifest(data: bytes, edit) -> bytes:
-    length = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + length])
-    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
-    edit(manifest)
-    header["__metadata__"][MANIFEST_KEY] = json.dumps(manifest)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
-
-
 def _poison(resnet18, kind: str) -> bytes:
     artifact = random_task_artifact(resnet18, "resnet18", task="poison", version=2, seed=7)
     if kind == "negative-bn-variance":  # finite, well-formed, and every forward gives NaN
@@ -112,7 +99,7 @@ def _poison(resnet18, kind: str) -> bytes:
         )
     data = artifact_bytes(artifact)
     if kind == "zero-std":
-        return _edit_manifest(data, lambda m: m["preprocess"].update(std=[0.5, 0.0, 0.5]))
+        return edit_manifest(data, lambda m: m["preprocess"].update(std=[0.5, 0.0, 0.5]))
     if kind == "integer-head":
         artifact.task_tensors["fc.weight"] = artifact.task_tensors["fc.weight"].to(torch.int64)
     if kind == "non-finite-head":
