@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.batcher import Batcher
+from service.drain import Drain
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -47,7 +48,10 @@ async def lifespan(app: FastAPI):
             log.exception("start-up failed")
             state.startup_error = f"start-up failed: {exc}"
             return
-        state.batcher = Batcher(engine, state.settings.max_batch_size, state.settings.max_batch_delay_ms / 1000)
+        settings = state.settings
+        state.batcher = Batcher(
+            engine, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.queue_bound()
+        )
         state.batcher.start()
         state.engine = engine
         state.ready.set()
@@ -74,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.ready = threading.Event()
     app.state.startup_error = None
     app.state.engine = None
+    app.state.drain = Drain()
     install_error_handlers(app)
     app.include_router(tasks.router)
     app.include_router(admin.router)

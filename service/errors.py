@@ -44,6 +44,22 @@ class AdminDisabled(ServiceError):
     status_code = 403
 
 
+class Overloaded(ServiceError):
+    """Too many images already wait for the engine, or the server is draining: retry after a moment."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, retry_after_s: int = 1):
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its images reached a forward pass."""
+
+    status_code = 504
+
+
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     TaskNotFound: 404,
     CorruptArtifact: 422,
@@ -78,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        return respond(request, exc.status_code, str(exc), error_kind(exc))
+        return respond(request, exc.status_code, str(exc), error_kind(exc), getattr(exc, "headers", None))
 
     for error, status in STATUS_BY_ERROR.items():
         app.add_exception_handler(

@@ -19,6 +19,8 @@ def healthz() -> dict:
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
     if state.ready.is_set():
         return JSONResponse({"status": "ready", "tasks": len(state.engine.tasks())})
     detail = state.startup_error or "loading backbone and tasks"

@@ -9,7 +9,7 @@ import torch
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
+from service.deps import BatcherDep, DeadlineDep, EngineDep, MetricsDep, SettingsDep
 from service.errors import PayloadTooLarge, status_for
 from service.images import images_to_batch
 from service.metrics import UNKNOWN_TASK
@@ -59,6 +59,7 @@ async def predict(
     batcher: BatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    deadline: DeadlineDep,
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
 ) -> PredictResponse:
     started = time.perf_counter()
@@ -67,8 +68,9 @@ async def predict(
     try:
         task = engine.task(name)  # the request keeps this version even if it is replaced or removed meanwhile
         blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
+        batcher.check_admission(len(blobs))  # refuse before spending a decode on it
         batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
-        probabilities = await batcher.predict(task, batch)
+        probabilities = await batcher.predict(task, batch, deadline)
         response = PredictResponse(
             task=task.manifest.task,
             version=task.manifest.version,
