@@ -81,7 +81,29 @@ def error_kind(exc: Exception) -> str:
     return type(exc).__name__
 
 
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {"detail": {"type": "string", "title": "Detail"}},
+    "required": ["detail"],
+}
+
+
+def _publish_error_schema(app: FastAPI) -> None:
+    """The published 422 body is what the handlers below send, `{"detail": str}`, not FastAPI's list."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        schema.get("components", {}).get("schemas", {})["HTTPValidationError"] = ERROR_SCHEMA
+        return schema
+
+    app.openapi = openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _publish_error_schema(app)
+
     def respond(request: Request, status: int, detail: str, kind: str, headers=None) -> JSONResponse:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
