@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.batcher import Batcher
+from service.deadlines import StampArrival
 from service.drain import Drain
 from service.engine import Engine
 from service.errors import install_error_handlers
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.add_middleware(StampArrival)
     app.add_middleware(
         BodySizeLimit, limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024}, default=settings.max_request_bytes
     )

@@ -1,8 +1,9 @@
 """Dynamic batching and scheduling: requests for the same task are joined into one forward pass.
 
 Guarantees:
-- Admission: at most `max_queued_images` images wait for the engine (a lone request larger than
-  that is still admitted into an empty queue); beyond it `predict` raises `Overloaded` at once.
+- Admission: at most `max_queued_images` images wait for the engine, counting those still being
+  decoded under `admission()` (a lone request larger than that is still admitted into an empty
+  queue); beyond it `admission()` and `predict` raise `Overloaded` at once.
 - Deadlines: a request whose deadline passes while queued, or whose client disconnects, is removed
   from the queue and never reaches a forward (`piggyback_dropped_images_total`); the caller gets
   `DeadlineExceeded` no later than the deadline.
@@ -18,8 +19,10 @@ The event loop only ever awaits; forwards run on the one inference thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,6 +62,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._queues: dict[LoadedTask, deque[_Pending]] = {}
         self._queued = 0  # images in self._queues
+        self._reserved = 0  # images admitted and still being decoded
         self._running = 0  # batches handed to the executor and not finished
         self._changed = asyncio.Event()  # new work arrived or a batch finished
         self._runner: asyncio.Task | None = None
@@ -78,12 +82,25 @@ class Batcher:
     async def run_in_inference_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    @contextlib.contextmanager
+    def admission(self, count: int) -> Iterator[None]:
+        """Holds room for `count` images while the caller decodes them, so decoding work counts against
+        the bound too (a burst cannot pile up decodes); raises `Overloaded` if there is no room.
+        `predict` right after the block takes the room over without a gap (no await in between)."""
+        self.check_admission(count)
+        self._reserved += count
+        try:
+            yield
+        finally:
+            self._reserved -= count
+
     def check_admission(self, count: int) -> None:
-        """Raise `Overloaded` if `count` more images would overfill the queue (callers may check before decoding)."""
-        if self._queued and self._queued + count > self.max_queued_images:
+        """Raise `Overloaded` if `count` more images would overfill the queue (a lone request always fits)."""
+        waiting = self._queued + self._reserved
+        if waiting and waiting + count > self.max_queued_images:
             self.metrics.rejected.labels(reason="overloaded").inc()
             raise Overloaded(
-                f"server overloaded: {self._queued} images already wait (at most {self.max_queued_images}); "
+                f"server overloaded: {waiting} images already wait (at most {self.max_queued_images}); "
                 "retry after the Retry-After seconds",
                 retry_after_s=1,
             )

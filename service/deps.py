@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -47,11 +48,13 @@ def get_deadline(
         Header(gt=0, allow_inf_nan=False, description="seconds this request may take; capped by the server's limit"),
     ] = None,
 ) -> Deadline:
-    """PIGGYBACK_REQUEST_TIMEOUT_S from now, or less if the client asks; also watches for its disconnect."""
+    """PIGGYBACK_REQUEST_TIMEOUT_S from the request's arrival, or less if the client asks; also watches
+    for its disconnect."""
     seconds = settings.request_timeout_s
     if x_request_timeout is not None:
         seconds = min(seconds, x_request_timeout)
-    return Deadline.after(seconds, disconnect_waiter(request))
+    arrived = getattr(request.state, "arrived", time.monotonic())
+    return Deadline(arrived + seconds, disconnect_waiter(request))
 
 
 _bearer = HTTPBearer(auto_error=False)

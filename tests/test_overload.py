@@ -173,3 +173,20 @@ def test_bad_request_timeout_header_is_a_clear_422(server, value):
 def test_long_request_timeout_is_capped_not_refused(server):
     _, base = server
     assert predict(base, **{"X-Request-Timeout": "3600"}).status_code == 200
+
+
+def test_burst_without_a_gate_is_answered_503_200_or_504(server):
+    """A real burst far beyond the bound: refused, answered, or timed out; never a 500 or a dropped connection."""
+    _, base = server
+    timeout_s, sent = 3.0, 40
+
+    def one() -> tuple[int, str]:
+        response = predict(base, **{"X-Request-Timeout": str(timeout_s)})
+        return response.status_code, response.headers.get("Retry-After", "")
+
+    with ThreadPoolExecutor(sent) as pool:
+        results = list(pool.map(lambda _: one(), range(sent)))
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert 503 in statuses and 200 in statuses
+    assert all(retry == "1" for status, retry in results if status == 503)

@@ -68,8 +68,8 @@ async def predict(
     try:
         task = engine.task(name)  # the request keeps this version even if it is replaced or removed meanwhile
         blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
-        batcher.check_admission(len(blobs))  # refuse before spending a decode on it
-        batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
+        with batcher.admission(len(blobs)):  # refused before a decode is spent on it; decodes count as queued
+            batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
         probabilities = await batcher.predict(task, batch, deadline)
         response = PredictResponse(
             task=task.manifest.task,
