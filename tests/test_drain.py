@@ -58,11 +58,14 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_0(tmp_path,
                 pool.submit(httpx.post, f"{base}/tasks/alpha/predict", files=files, timeout=DRAIN_S)
                 for _ in range(REQUESTS)
             ]
-            deadline = time.monotonic() + 30
-            while inflight(base) < REQUESTS and time.monotonic() < deadline:
-                time.sleep(0.01)
-            early = [f.result().text[:200] for f in futures if f.done()]
-            assert inflight(base) == REQUESTS and not early, early
+            for wait_s, wanted in ((60, 1), (5, REQUESTS)):  # the first admitted, then briefly the rest
+                deadline = time.monotonic() + wait_s
+                while inflight(base) < wanted and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            # on a loaded machine one request may already be answered, another still uploading (it will be new)
+            admitted = inflight(base)
+            answered_before = sum(f.done() for f in futures)
+            assert admitted >= 1
             signalled = time.monotonic()
             server.send_signal(signal.SIGTERM)
 
@@ -77,8 +80,10 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_0(tmp_path,
             assert not all(f.done() for f in futures), "the drain must still have had work when refused"
 
             answers = [f.result() for f in futures]
-        assert [r.status_code for r in answers] == [200] * REQUESTS
-        assert all(len(r.json()["predictions"]) == IMAGES for r in answers)
+        # every prediction admitted before SIGTERM completed; any that arrived after it was refused
+        assert sum(r.status_code == 200 for r in answers) >= admitted + answered_before
+        assert {r.status_code for r in answers} <= {200, 503}
+        assert all(len(r.json()["predictions"]) == IMAGES for r in answers if r.status_code == 200)
         assert server.wait(timeout=DRAIN_S) == 0
         assert time.monotonic() - signalled < DRAIN_S
     finally:
