@@ -7,6 +7,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.server import DrainingServer
 from service.settings import Settings
 
 
@@ -17,7 +18,9 @@ def main() -> int:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    DrainingServer(config, app, settings.drain_s).run()
     return 0
 
 

@@ -16,6 +16,8 @@ from fastapi import FastAPI
 
 from service.admin_auth import AdminAuth
 from service.batcher import Batcher
+from service.deadlines import StampArrival
+from service.drain import Drain
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -49,7 +51,10 @@ async def lifespan(app: FastAPI):
             log.exception("start-up failed")
             state.startup_error = f"start-up failed: {exc}"
             return
-        state.batcher = Batcher(engine, state.settings.max_batch_size, state.settings.max_batch_delay_ms / 1000)
+        settings = state.settings
+        state.batcher = Batcher(
+            engine, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.queue_bound()
+        )
         state.batcher.start()
         state.watcher = StoreWatcher(engine, state.settings.store_poll_s)
         state.watcher.start()
@@ -82,11 +87,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.ready = threading.Event()
     app.state.startup_error = None
     app.state.engine = None
+    app.state.drain = Drain()
     install_error_handlers(app)
     app.include_router(tasks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(v2.router)
+    app.add_middleware(StampArrival)
     # Outermost last: request id and JSON 500s around everything, then the admin token (headers only),
     # then the body size limit, so an unauthenticated client learns nothing and uploads nothing.
     app.add_middleware(

@@ -1,21 +1,44 @@
-"""Dynamic batching: requests for the same task are joined into one forward pass.
+"""Dynamic batching and scheduling: requests for the same task are joined into one forward pass.
 
-A single dispatcher coroutine takes the task whose oldest request has waited longest, waits until
-that task has `max_batch_size` images queued or its oldest request is `max_delay` old, and runs
-the batch on the one inference thread. The event loop only ever awaits; it never runs a forward.
+Guarantees:
+- Admission: at most `max_queued_images` images wait for the engine, counting those still being
+  decoded under `admission()` (a lone request larger than that is still admitted into an empty
+  queue); beyond it `admission()` and `predict` raise `Overloaded` at once.
+- Deadlines: a request whose deadline passes while queued, or whose client disconnects, is removed
+  from the queue and never reaches a forward (`piggyback_dropped_images_total`); the caller gets
+  `DeadlineExceeded` no later than the deadline.
+- No idle engine with work waiting: up to two batches are handed to the single inference thread, so
+  the next batch is assembled (and queued in the executor) while the current forward runs. The
+  batching delay (`max_delay_s`) is only spent while the engine has nothing else to do.
+- No starvation: the next task is the one with the highest `images + age / max_delay_s`, so a
+  request gains one image's worth of priority per batching delay it waits; a rare task's lone
+  image is overtaken by only a bounded amount of other tasks' work.
+The event loop only ever awaits; forwards run on the one inference thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections import defaultdict, deque
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from service.deadlines import Deadline
 from service.engine import Engine, LoadedTask
+from service.errors import DeadlineExceeded, Overloaded, ServiceError
+
+PIPELINE_DEPTH = 2  # batches handed to the inference thread: one running, one assembled and ready
+
+
+class ClientDisconnected(ServiceError):
+    """The client closed the connection while its images were queued; nobody reads the answer."""
+
+    status_code = 499
 
 
 @dataclass(eq=False)
@@ -23,17 +46,25 @@ class _Pending:
     task: LoadedTask
     images: torch.Tensor
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_size: int, max_delay_s: float):
+    def __init__(
+        self, engine: Engine, max_batch_size: int, max_delay_s: float, max_queued_images: int | None = None
+    ) -> None:
         self.engine = engine
+        self.metrics = engine.metrics
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_queued_images = max_queued_images or 4 * max_batch_size
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._queues: dict[LoadedTask, deque[_Pending]] = defaultdict(deque)
-        self._wakeup = asyncio.Event()
+        self._queues: dict[LoadedTask, deque[_Pending]] = {}
+        self._queued = 0  # images in self._queues
+        self._reserved = 0  # images admitted and still being decoded
+        self._running = 0  # batches handed to the executor and not finished
+        self._changed = asyncio.Event()  # new work arrived or a batch finished
         self._runner: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -51,60 +82,170 @@ class Batcher:
     async def run_in_inference_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def predict(self, task: LoadedTask, images: torch.Tensor) -> torch.Tensor:
-        """Probabilities for `images` under `task`, computed in some batch with other requests."""
-        pending = _Pending(task, images, asyncio.get_running_loop().create_future())
-        self._queues[task].append(pending)
-        self._wakeup.set()
-        return await pending.future
+    @contextlib.contextmanager
+    def admission(self, count: int) -> Iterator[None]:
+        """Holds room for `count` images while the caller decodes them, so decoding work counts against
+        the bound too (a burst cannot pile up decodes); raises `Overloaded` if there is no room.
+        `predict` right after the block takes the room over without a gap (no await in between)."""
+        self.check_admission(count)
+        self._reserved += count
+        try:
+            yield
+        finally:
+            self._reserved -= count
 
-    def _queued_images(self, key) -> int:
-        return sum(len(p.images) for p in self._queues[key])
+    def check_admission(self, count: int) -> None:
+        """Raise `Overloaded` if `count` more images would overfill the queue (a lone request always fits)."""
+        waiting = self._queued + self._reserved
+        if waiting and waiting + count > self.max_queued_images:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            raise Overloaded(
+                f"server overloaded: {waiting} images already wait (at most {self.max_queued_images}); "
+                "retry after the Retry-After seconds",
+                retry_after_s=1,
+            )
 
-    def _take_batch(self, key) -> list[_Pending]:
-        queue, batch, count = self._queues[key], [], 0
+    async def predict(self, task: LoadedTask, images: torch.Tensor, deadline: Deadline | None = None) -> torch.Tensor:
+        """Probabilities for `images` under `task`, computed in some batch with other requests.
+
+        Raises `Overloaded` (queue full), `DeadlineExceeded` (deadline passed before the answer) or
+        `ClientDisconnected`; in each case the images left the queue without costing a forward.
+        """
+        count = len(images)
+        if deadline is not None and deadline.remaining() <= 0:
+            self.metrics.dropped_images.labels(reason="expired").inc(count)
+            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        self.check_admission(count)
+        pending = _Pending(task, images, asyncio.get_running_loop().create_future(), deadline and deadline.at)
+        self._queues.setdefault(task, deque()).append(pending)
+        self._queued += count
+        self.metrics.queued_images.set(self._queued)
+        self._changed.set()
+
+        waiters: set[asyncio.Future] = {pending.future}
+        gone = None
+        if deadline is not None and deadline.client_gone is not None:
+            gone = asyncio.ensure_future(deadline.client_gone())
+            waiters.add(gone)
+        try:
+            timeout = None if deadline is None else deadline.remaining()
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._withdraw(pending, "abandoned")
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if pending.future.done():
+            return pending.future.result()
+        if gone is not None and gone in done:
+            self._withdraw(pending, "abandoned")
+            raise ClientDisconnected("client disconnected")
+        self._withdraw(pending, "expired")
+        raise DeadlineExceeded("the request's deadline passed while it waited for the engine; retry with more time")
+
+    def _withdraw(self, pending: _Pending, reason: str) -> None:
+        """Drop a request that is still queued (counted); one already in a batch just loses its answer."""
+        pending.future.cancel()
+        queue = self._queues.get(pending.task)
+        if queue is None or pending not in queue:
+            return
+        queue.remove(pending)
+        if not queue:
+            del self._queues[pending.task]
+        self._queued -= len(pending.images)
+        self.metrics.queued_images.set(self._queued)
+        self.metrics.dropped_images.labels(reason=reason).inc(len(pending.images))
+
+    # --- scheduling (event loop) ---------------------------------------------------------------
+    def _priority(self, key: LoadedTask, now: float) -> float:
+        queue = self._queues[key]
+        images = min(sum(len(p.images) for p in queue), self.max_batch_size)
+        return images + (now - queue[0].enqueued) / max(self.max_delay_s, 1e-3)
+
+    def _choose(self) -> LoadedTask:
+        now = time.monotonic()
+        return max(self._queues, key=lambda key: self._priority(key, now))
+
+    async def _wait_change(self, timeout: float | None = None) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _next_task(self) -> LoadedTask:
+        """The task to batch next; the batching delay is spent only while nothing else could run."""
+        while True:
+            if not self._queues:
+                await self._wait_change()
+                continue
+            key = self._choose()
+            if self._running or len(self._queues) > 1:
+                return key  # a forward runs (this batch queues behind it) or other tasks wait: no delay
+            queue = self._queues[key]
+            remaining = queue[0].enqueued + self.max_delay_s - time.monotonic()
+            if remaining <= 0 or sum(len(p.images) for p in queue) >= self.max_batch_size:
+                return key
+            await self._wait_change(remaining)  # engine idle, one task: wait briefly for batch-mates
+
+    def _take_batch(self, key: LoadedTask) -> list[_Pending]:
+        queue, batch, count, now = self._queues[key], [], 0, time.monotonic()
         while queue and (not batch or count + len(queue[0].images) <= self.max_batch_size):
             item = queue.popleft()
+            self._queued -= len(item.images)
+            if item.deadline is not None and item.deadline <= now:
+                self.metrics.dropped_images.labels(reason="expired").inc(len(item.images))
+                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                continue
             batch.append(item)
             count += len(item.images)
         if not queue:
             del self._queues[key]
+        self.metrics.queued_images.set(self._queued)
         return batch
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        loop = asyncio.get_running_loop()
         while True:
-            if not any(self._queues.values()):
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            await slots.acquire()
+            batch = self._take_batch(await self._next_task())
+            if not batch:
+                slots.release()
                 continue
-            key = min((k for k, q in self._queues.items() if q), key=lambda k: self._queues[k][0].enqueued)
-            deadline = self._queues[key][0].enqueued + self.max_delay_s
-            while self._queued_images(key) < self.max_batch_size and (remaining := deadline - time.perf_counter()) > 0:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
-                except TimeoutError:
-                    break
-            batch = [p for p in self._take_batch(key) if not p.future.cancelled()]
-            if batch:
-                await self._run_batch(batch)
+            task, now = batch[0].task, time.monotonic()
+            for item in batch:
+                self.metrics.queue_wait.labels(task=task.manifest.task).observe(now - item.enqueued)
+            images = torch.cat([item.images for item in batch])  # assembled while the previous forward runs
+            self._running += 1
+            done = loop.run_in_executor(self.executor, self._forward, task, images)
+            done.add_done_callback(lambda result, batch=batch: self._finish(batch, result, slots))
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        task = batch[0].task
+    def _forward(self, task: LoadedTask, images: torch.Tensor) -> torch.Tensor:
+        """Runs on the inference thread; the time spent here is the engine's busy time."""
         started = time.perf_counter()
-        name = task.manifest.task
-        for item in batch:
-            self.engine.metrics.queue_wait.labels(task=name).observe(started - item.enqueued)
-        images = torch.cat([item.images for item in batch])
-        self.engine.metrics.batch_size.labels(task=name).observe(len(images))
         try:
-            probabilities = await self.run_in_inference_thread(self.engine.forward_task, task, images)
-        except Exception as exc:
+            return self.engine.forward_task(task, images)
+        finally:
+            self.metrics.engine_busy.inc(time.perf_counter() - started)
+            self.metrics.forwarded_images.labels(task=task.manifest.task).inc(len(images))
+            self.metrics.batch_size.labels(task=task.manifest.task).observe(len(images))
+
+    def _finish(self, batch: list[_Pending], result: asyncio.Future, slots: asyncio.Semaphore) -> None:
+        self._running -= 1
+        slots.release()
+        self._changed.set()
+        if result.cancelled():
+            for item in batch:
+                item.future.cancel()
+            return
+        if (exc := result.exception()) is not None:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        start = 0
+        probabilities, start = result.result(), 0
         for item in batch:
             if not item.future.done():
                 item.future.set_result(probabilities[start : start + len(item.images)])

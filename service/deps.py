@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPBearer
 
 from service.batcher import Batcher
+from service.deadlines import Deadline, disconnect_waiter
 from service.engine import Engine
 from service.errors import NotReady
 from service.metrics import Metrics
@@ -29,8 +32,27 @@ def get_engine(request: Request) -> Engine:
     return state.engine
 
 
-def get_batcher(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> Batcher:
-    return request.app.state.batcher
+async def get_batcher(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> AsyncIterator[Batcher]:
+    """The batcher, for one admitted prediction: refused with 503 while draining, counted until it finishes."""
+    with request.app.state.drain.admit():
+        yield request.app.state.batcher
+
+
+def get_deadline(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    x_request_timeout: Annotated[
+        float | None,
+        Header(gt=0, allow_inf_nan=False, description="seconds this request may take; capped by the server's limit"),
+    ] = None,
+) -> Deadline:
+    """PIGGYBACK_REQUEST_TIMEOUT_S from the request's arrival, or less if the client asks; also watches
+    for its disconnect."""
+    seconds = settings.request_timeout_s
+    if x_request_timeout is not None:
+        seconds = min(seconds, x_request_timeout)
+    arrived = getattr(request.state, "arrived", time.monotonic())
+    return Deadline(arrived + seconds, disconnect_waiter(request))
 
 
 # The token itself is checked by service.admin_auth.AdminAuth, from the headers, before any body is
@@ -43,3 +65,4 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 AdminDep = Depends(_bearer)
+DeadlineDep = Annotated[Deadline, Depends(get_deadline)]

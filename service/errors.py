@@ -52,6 +52,22 @@ class AdminDisabled(ServiceError):
     status_code = 403
 
 
+class Overloaded(ServiceError):
+    """Too many images already wait for the engine, or the server is draining: retry after a moment."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, retry_after_s: int = 1):
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its images reached a forward pass."""
+
+    status_code = 504
+
+
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     TaskNotFound: 404,
     CorruptArtifact: 422,
@@ -75,7 +91,29 @@ def error_kind(exc: Exception) -> str:
     return type(exc).__name__
 
 
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {"detail": {"type": "string", "title": "Detail"}},
+    "required": ["detail"],
+}
+
+
+def _publish_error_schema(app: FastAPI) -> None:
+    """The published 422 body is what the handlers below send, `{"detail": str}`, not FastAPI's list."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        schema.get("components", {}).get("schemas", {})["HTTPValidationError"] = ERROR_SCHEMA
+        return schema
+
+    app.openapi = openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _publish_error_schema(app)
+
     def respond(request: Request, status: int, detail: str, kind: str, headers=None) -> JSONResponse:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
@@ -88,7 +126,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        return respond(request, exc.status_code, str(exc), error_kind(exc))
+        return respond(request, exc.status_code, str(exc), error_kind(exc), getattr(exc, "headers", None))
 
     for error, status in STATUS_BY_ERROR.items():
         app.add_exception_handler(

@@ -51,6 +51,22 @@ class Metrics:
         self.cache_events = Counter(
             "piggyback_task_cache_events", "Task weight cache hits, misses and evictions", ["event"], registry=r
         )
+        # overload and deadlines: proof that refused, expired and abandoned work never reaches a forward
+        self.rejected = Counter(
+            "piggyback_rejected_requests", "Predictions refused at once with 503", ["reason"], registry=r
+        )
+        self.dropped_images = Counter(
+            "piggyback_dropped_images", "Queued images dropped before any forward pass", ["reason"], registry=r
+        )
+        self.forwarded_images = Counter(
+            "piggyback_forwarded_images", "Images that entered a forward pass", ["task"], registry=r
+        )
+        self.queued_images = Gauge("piggyback_queued_images", "Images waiting for the engine", registry=r)
+        self.engine_busy = Counter(
+            "piggyback_engine_busy_seconds",
+            "Inference-thread time spent on batches; rate() of it is the engine's busy fraction",
+            registry=r,
+        )
 
         self.task_load_failures = Counter(
             "piggyback_task_load_failures",

@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     cache_budget_mb: float = Field(1024, ge=0, description="materialized task weights kept; 0 = apply per request")
     max_batch_size: int = Field(32, ge=1, description="images per forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for batch-mates")
+    max_queued_images: int | None = Field(
+        None, ge=1, description="images waiting for the engine before new ones get 503; unset = 4 x max_batch_size"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of a prediction; a client may ask for less with X-Request-Timeout"
+    )
+    drain_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and in-flight predictions may finish")
     max_images_per_request: int = Field(16, ge=1)
     max_image_bytes: int = Field(8 * MIB, ge=1)
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard (width * height)")
@@ -51,6 +58,10 @@ class Settings(BaseSettings):
         if len(value) < 16:
             raise ValueError("PIGGYBACK_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
         return SecretStr(value)
+
+    def queue_bound(self) -> int:
+        """Images allowed to wait: by default four full batches, enough to keep the engine busy."""
+        return self.max_queued_images if self.max_queued_images is not None else 4 * self.max_batch_size
 
     def resolved_device(self) -> str:
         import torch

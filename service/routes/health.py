@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import MetricsDep
@@ -19,6 +19,8 @@ def healthz() -> dict:
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
     if state.ready.is_set():
         engine = state.engine
         return JSONResponse({"status": "ready", "tasks": len(engine.tasks()), "failed_tasks": dict(engine.failed)})
@@ -26,6 +28,6 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import torch
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
-from service.errors import PayloadTooLarge, status_for
+from service.deps import BatcherDep, DeadlineDep, EngineDep, MetricsDep, SettingsDep
+from service.errors import PayloadTooLarge
 from service.images import images_to_batch
-from service.metrics import UNKNOWN_TASK
+from service.prediction_metrics import observed_prediction
 from service.schemas import FailedTask, Prediction, PredictResponse, ScoredLabel, TaskInfo
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -63,27 +62,18 @@ async def predict(
     batcher: BatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    deadline: DeadlineDep,
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
 ) -> PredictResponse:
-    started = time.perf_counter()
-    task, status = None, 500
-    metrics.inflight.inc()
-    try:
+    with observed_prediction(metrics, name) as record:
         task = engine.task(name)  # the request keeps this version even if it is replaced or removed meanwhile
+        record.task_known = True
         blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
-        batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
-        probabilities = await batcher.predict(task, batch)
-        response = PredictResponse(
+        with batcher.admission(len(blobs)):  # refused before a decode is spent on it; decodes count as queued
+            batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
+        probabilities = await batcher.predict(task, batch, deadline)
+        return PredictResponse(
             task=task.manifest.task,
             version=task.manifest.version,
             predictions=_predictions(probabilities, task.manifest.labels, top_k),
         )
-        status = 200
-        return response
-    except Exception as exc:
-        status = status_for(exc)
-        raise
-    finally:
-        metrics.inflight.dec()
-        label = name if task is not None else UNKNOWN_TASK  # unknown names never create a series
-        metrics.request_latency.labels(task=label, status=str(status)).observe(time.perf_counter() - started)

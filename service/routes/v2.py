@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import time
 
 import numpy as np
 import torch
@@ -30,12 +29,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store import TaskNotFound
-from service.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
+from service.deps import BatcherDep, DeadlineDep, EngineDep, MetricsDep, SettingsDep
 from service.engine import Engine, LoadedTask
 from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
 from service.images import images_to_batch
 from service.limits import BodyTooLarge
-from service.metrics import UNKNOWN_TASK
+from service.prediction_metrics import observed_prediction
 from service.v2_wire import HEADER_LENGTH, InputTensor, OutputTensor, encode_infer_response, parse_infer_request
 
 log = logging.getLogger("piggyback.v2")
@@ -201,12 +200,12 @@ def _outputs(request_outputs, default_binary: bool, probabilities: torch.Tensor,
     return outputs
 
 
-async def _infer(name: str, version: str | None, request: Request, engine, batcher, settings, metrics) -> Response:
-    started = time.perf_counter()
-    task, status = None, 500
-    metrics.inflight.inc()
-    try:
+async def _infer(
+    name: str, version: str | None, request: Request, engine, batcher, settings, metrics, deadline
+) -> Response:
+    with observed_prediction(metrics, name) as record:
         task = _model(engine, name, version)  # the request keeps this version even if it is replaced meanwhile
+        record.task_known = True
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; send the request uncompressed")
@@ -216,26 +215,20 @@ async def _infer(name: str, version: str | None, request: Request, engine, batch
         tensor = parsed.inputs[0]
         if tensor.name == IMAGE_INPUT:
             blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
-            batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
+            with batcher.admission(len(blobs)):  # the same queue bound as /tasks/{name}/predict
+                batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
         elif tensor.name == TENSOR_INPUT:
             batch = _tensor_batch(tensor, task.manifest.preprocess.size, settings.max_images_per_request)
+            batcher.check_admission(len(batch))
         else:
             raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
-        probabilities = await batcher.predict(task, batch)
+        probabilities = await batcher.predict(task, batch, deadline)
         outputs = _outputs(parsed.outputs, parsed.default_binary, probabilities, task.manifest.labels)
         response = {"model_name": task.manifest.task, "model_version": str(task.manifest.version)}
         if parsed.id is not None:
             response["id"] = parsed.id
         body, headers = encode_infer_response(response, outputs)
-        status = 200
         return Response(body, headers=headers)
-    except Exception as exc:
-        status = status_for(exc)
-        raise
-    finally:
-        metrics.inflight.dec()
-        label = name if task is not None else UNKNOWN_TASK  # unknown names never create a series
-        metrics.request_latency.labels(task=label, status=str(status)).observe(time.perf_counter() - started)
 
 
 # The body is read raw (JSON, or JSON + binary tensors); this documents it in /docs.
@@ -258,9 +251,15 @@ INFER_BODY = {
 
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
 async def infer(
-    name: str, request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep
+    name: str,
+    request: Request,
+    engine: EngineDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    deadline: DeadlineDep,
 ) -> Response:
-    return await _infer(name, None, request, engine, batcher, settings, metrics)
+    return await _infer(name, None, request, engine, batcher, settings, metrics, deadline)
 
 
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
@@ -272,5 +271,6 @@ async def infer_version(
     batcher: BatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    deadline: DeadlineDep,
 ) -> Response:
-    return await _infer(name, version, request, engine, batcher, settings, metrics)
+    return await _infer(name, version, request, engine, batcher, settings, metrics, deadline)

@@ -1,0 +1,52 @@
+"""A prediction's deadline: when its answer stops being worth computing, and whether its client is still there.
+
+Both front doors (the `/tasks` routes and any other protocol) get one from the `DeadlineDep`
+dependency and hand it to `Batcher.predict`, so queued work that expired or whose client left is
+dropped before the forward in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """`at` is a `time.monotonic()` instant; `client_gone`, if given, returns once the client disconnected."""
+
+    at: float
+    client_gone: Callable[[], Awaitable[None]] | None = None
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+
+class StampArrival:
+    """ASGI middleware: records when a request reached the app, so its deadline also covers the upload
+    and the multipart parsing that happen before any dependency runs."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["arrived"] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that returns when the client closed the connection.
+
+    Only meaningful once the body has been read (as it has when a route runs): the server then
+    answers `receive()` only with `http.disconnect`.
+    """
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return client_gone
