@@ -19,6 +19,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
+from service.replica import ReplicaHeader, replica_name
 from service.routes import admin, health, tasks
 from service.settings import Settings
 
@@ -81,4 +82,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024}, default=settings.max_request_bytes
     )
+    app.state.replica = replica_name(settings.replica_id)
+    app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 413 names its replica
     return app
