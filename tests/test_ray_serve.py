@@ -89,6 +89,8 @@ def cluster(tmp_path_factory, store, backbone_file):
         PIGGYBACK_DEVICE="cpu",
         PIGGYBACK_ADMIN_TOKEN=ADMIN_TOKEN,
         PIGGYBACK_MAX_BATCH_DELAY_MS="2",
+        PIGGYBACK_RAY_MAX_ONGOING_REQUESTS="2",  # small bounds, so the overload test can fill them
+        PIGGYBACK_RAY_MAX_QUEUED_REQUESTS="2",
     )
     for deployment in application["deployments"]:
         if deployment["name"] == "PiggybackReplica":
@@ -203,6 +205,24 @@ class _threads:
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=True)
+
+
+def test_overload_answers_503_with_retry_after_not_an_unbounded_queue(cluster):
+    many = [("images", (f"{i}.png", png_bytes(i), "image/png")) for i in range(16)]
+    barrier = threading.Barrier(32)
+
+    def burst(_: int) -> httpx.Response:
+        with httpx.Client(timeout=120) as client:
+            barrier.wait()
+            return client.post(f"{cluster}/tasks/alpha/predict", files=many)
+
+    with _threads(32) as pool:
+        responses = list(pool.map(burst, range(32)))  # 32 at once vs 2 replicas x 2 ongoing + 2 queued
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"] and "detail" in response.json()
 
 
 def test_kill_9_one_replica_under_a_stream(cluster):
