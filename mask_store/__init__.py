@@ -5,7 +5,16 @@ order), how masks are packed, how artifacts are written and checked, and how the
 consistent across crashes.
 """
 
-from mask_store.artifact import TaskArtifact, artifact_bytes, load_artifact, make_artifact, read_manifest, save_artifact
+from mask_store.artifact import (
+    TaskArtifact,
+    artifact_bytes,
+    artifact_identity,
+    load_artifact,
+    make_artifact,
+    parse_artifact,
+    read_manifest,
+    save_artifact,
+)
 from mask_store.backbone import (
     BackboneLayout,
     build_backbone,
@@ -23,8 +32,9 @@ from mask_store.errors import (
 )
 from mask_store.image_modes import normalize_image
 from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
+from mask_store.objects import ObjectStore, StoreFull, StoreUnavailable
 from mask_store.preprocess import build_transform
-from mask_store.store import TaskStore, TaskVersionExists
+from mask_store.store import LiveTask, TaskStore, TaskVersionExists
 
 __all__ = [
     "BackboneLayout",
@@ -35,6 +45,10 @@ __all__ = [
     "MaskSpec",
     "MaskStoreError",
     "Preprocess",
+    "LiveTask",
+    "ObjectStore",
+    "StoreFull",
+    "StoreUnavailable",
     "TaskArtifact",
     "TaskNotFound",
     "TaskStore",
@@ -42,6 +56,7 @@ __all__ = [
     "UnsupportedArchitecture",
     "UnsupportedImage",
     "artifact_bytes",
+    "artifact_identity",
     "build_backbone",
     "build_transform",
     "head_module_name",
@@ -49,6 +64,7 @@ __all__ = [
     "make_artifact",
     "maskable_layers",
     "normalize_image",
+    "parse_artifact",
     "read_manifest",
     "replace_head",
     "save_artifact",

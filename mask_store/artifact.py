@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from mask_store import packing
@@ -77,6 +78,12 @@ class TaskArtifact:
         theirs = list(zip(layout.names, layout.shapes, strict=True))
         if ours != theirs:
             raise BackboneMismatch(f"task {self.name}: masked layer names or shapes differ from the backbone's")
+        head_weight = f"{layout.head}.weight"
+        if head_weight not in self.task_tensors and layout.state_shapes[head_weight][0] != len(self.manifest.labels):
+            raise BackboneMismatch(
+                f"task {self.name} has {len(self.manifest.labels)} labels but no head of its own, and the backbone's "
+                f"head has {layout.state_shapes[head_weight][0]} outputs"
+            )
         for name, tensor in self.task_tensors.items():
             if name not in layout.state_shapes:
                 raise BackboneMismatch(f"task {self.name} overrides {name}, which this backbone does not have")
@@ -174,6 +181,17 @@ def read_manifest(path: str | Path) -> Manifest:
         raise CorruptArtifact(f"{Path(path).name}: not a readable task artifact ({exc})") from exc
 
 
+def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors buffer: an 8-byte little-endian header length, then JSON."""
+    if len(data) < 8:
+        raise CorruptArtifact("artifact is shorter than a safetensors header")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise CorruptArtifact("artifact is truncated: its header is longer than the file")
+    header = json.loads(data[8 : 8 + length])
+    return header.get("__metadata__") if isinstance(header, dict) else None
+
+
 def _parse_manifest(metadata: dict[str, str] | None) -> Manifest:
     if not metadata or MANIFEST_KEY not in metadata:
         raise CorruptArtifact("artifact has no Piggyback manifest in its metadata")
@@ -184,15 +202,28 @@ def _parse_manifest(metadata: dict[str, str] | None) -> Manifest:
 
 
 def load_artifact(path: str | Path, display_name: str | None = None) -> TaskArtifact:
-    """Read and fully validate an artifact: manifest schema, key set, every checksum, plane sizes.
+    """Read and fully validate an artifact file (see `parse_artifact`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CorruptArtifact(f"{display_name or Path(path).name}: cannot be read ({exc})") from exc
+    return parse_artifact(data, display_name or Path(path).name)
+
+
+def artifact_identity(manifest: Manifest) -> str:
+    """sha256 of the manifest, which holds a sha256 of every tensor: names one artifact's content."""
+    return hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()
+
+
+def parse_artifact(data: bytes, name: str = "artifact") -> TaskArtifact:
+    """Validate an artifact held in memory: manifest schema, key set, every checksum, plane sizes.
 
     Raises CorruptArtifact for anything truncated, garbage, tampered or self-contradictory.
     """
-    name = display_name or Path(path).name
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            manifest = _parse_manifest(handle.metadata())
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = _safetensors_metadata(data)
+        manifest = _parse_manifest(metadata)
+        tensors = safetensors_load(data)
     except CorruptArtifact:
         raise
     except Exception as exc:  # safetensors raises several types for a torn or garbage file
@@ -213,4 +244,11 @@ def load_artifact(path: str | Path, display_name: str | None = None) -> TaskArti
         except Exception as exc:
             raise CorruptArtifact(f"{name}: mask plane {key} does not decode: {exc}") from exc
     task_tensors = {key[len(TASK_PREFIX) :]: t for key, t in tensors.items() if key.startswith(TASK_PREFIX)}
+    for key, tensor in task_tensors.items():
+        if key.endswith(".num_batches_tracked"):
+            continue  # BatchNorm's step counter is an integer buffer
+        if not tensor.is_floating_point():
+            raise CorruptArtifact(f"{name}: task tensor {key} is {tensor.dtype}; weights and statistics must be float")
+        if not torch.isfinite(tensor).all():
+            raise CorruptArtifact(f"{name}: task tensor {key} holds NaN or infinite values")
     return TaskArtifact(manifest=manifest, planes=tuple(planes), stored=tuple(stored), task_tensors=task_tensors)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FORMAT_VERSION = 1
+MAX_VERSION = 10**12 - 1  # versions name files `<version:08d>.safetensors`: keep names short and sortable
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFiniteFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -49,8 +52,8 @@ class Preprocess(_Strict):
 
     size: int = Field(gt=0, le=1024)
     grayscale: bool = False
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = (0.485, 0.456, 0.406)
+    std: tuple[PositiveFiniteFloat, PositiveFiniteFloat, PositiveFiniteFloat] = (0.229, 0.224, 0.225)
 
 
 class BackboneRef(_Strict):
@@ -63,7 +66,7 @@ class Manifest(_Strict):
 
     format_version: Literal[1] = FORMAT_VERSION
     task: str = Field(pattern=TASK_NAME_PATTERN)
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     labels: tuple[str, ...] = Field(min_length=1)
     backbone: BackboneRef
     mask: MaskSpec

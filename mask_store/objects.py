@@ -97,12 +97,12 @@ class LocalObjects(ObjectStore):
         self.root = Path(root)
         self.url = str(self.root)
         self._thread_lock = threading.Lock()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreUnavailable(f"PIGGYBACK_STORE={self.root} is not a directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _storage_error(exc, f"cannot create the store directory {self.root}") from exc
-        if not self.root.is_dir():
-            raise StoreUnavailable(f"PIGGYBACK_STORE={self.root} is not a directory")
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -199,9 +199,3 @@ class LocalObjects(ObjectStore):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
-
-    def remove_temporaries(self) -> None:
-        """Delete temp files a crashed writer left behind (only this backend's own names)."""
-        with contextlib.suppress(OSError):
-            for stale in self.root.glob(f"{TEMP_PREFIX}*"):
-                stale.unlink(missing_ok=True)

@@ -14,23 +14,24 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.admin_auth import AdminAuth
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.replica import ReplicaHeader, replica_name
-from service.routes import admin, health, tasks
+from service.request_context import RequestContext
+from service.routes import admin, health, tasks, v2
 from service.settings import Settings
+from service.store_watcher import StoreWatcher
 
 log = logging.getLogger("piggyback.service")
 
 
 def _load_engine(settings: Settings, metrics: Metrics) -> Engine:
     engine = Engine(settings, metrics)
-    engine.load_store()
-    if settings.warmup:
-        engine.warm_up()
+    engine.load_store()  # every task proves itself with a forward: that is the warm-up
     return engine
 
 
@@ -40,6 +41,7 @@ async def lifespan(app: FastAPI):
     if state.settings.admin_token is None:
         log.warning("PIGGYBACK_ADMIN_TOKEN is not set: the /admin routes refuse every request")
     state.batcher = None
+    state.watcher = None
 
     async def start() -> None:
         try:
@@ -50,15 +52,21 @@ async def lifespan(app: FastAPI):
             return
         state.batcher = Batcher(engine, state.settings.max_batch_size, state.settings.max_batch_delay_ms / 1000)
         state.batcher.start()
+        state.watcher = StoreWatcher(engine, state.settings.store_poll_s)
+        state.watcher.start()
         state.engine = engine
         state.ready.set()
         log.info("ready: %d tasks (%s)", len(engine.tasks()), ", ".join(t.manifest.task for t in engine.tasks()))
+        for name, reason in engine.failed.items():
+            log.error("not serving task %s: %s", name, reason)
 
     starter = asyncio.create_task(start())
     try:
         yield
     finally:
         await starter
+        if state.watcher is not None:
+            state.watcher.stop()
         if state.batcher is not None:
             await state.batcher.stop()
 
@@ -79,9 +87,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
+    # Outermost last: request id and JSON 500s around everything, then the admin token (headers only),
+    # then the body size limit, so an unauthenticated client learns nothing and uploads nothing.
     app.add_middleware(
-        BodySizeLimit, limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024}, default=settings.max_request_bytes
+        BodySizeLimit,
+        limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024},
+        default=settings.max_request_bytes,  # /v2 infer bodies too: the same bound as a multipart predict
+        error_keys={"/v2/": "error"},
     )
+    app.add_middleware(AdminAuth, token=settings.admin_token)
+    app.add_middleware(RequestContext)
     app.state.replica = replica_name(settings.replica_id)
-    app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 413 names its replica
+    app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 500 names its replica
     return app

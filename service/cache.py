@@ -34,8 +34,11 @@ class TaskWeightCache:
         """Whether a buffer of this size would be cached (else the caller may reuse scratch memory)."""
         return nbytes <= self.budget_bytes
 
-    def get_or_create(self, key: Hashable, create: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The cached buffer for `key`, or `create()` (kept if it fits in the budget)."""
+    def get_or_create(
+        self, key: Hashable, create: Callable[[], torch.Tensor], admit: Callable[[], bool] = lambda: True
+    ) -> torch.Tensor:
+        """The cached buffer for `key`, or `create()`: kept if it fits in the budget and `admit()` holds
+        then (checked after the possibly slow `create`, so a key retired meanwhile is not re-inserted)."""
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -44,7 +47,7 @@ class TaskWeightCache:
         self.on_event("miss")
         buffer = create()
         size = buffer.numel() * buffer.element_size()
-        if not self.will_keep(size):
+        if not self.will_keep(size) or not admit():
             return buffer
         with self._lock:
             while (

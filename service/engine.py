@@ -4,8 +4,12 @@ The backbone's maskable weights are packed once into one flat buffer (the layout
 a task's weights are that buffer with the task's bits applied, written to a separate buffer (cached
 or per request). The forward runs the backbone module through `torch.func.functional_call` with the
 task's tensors substituted, so the backbone's own tensors are never written. `functional_call`
-swaps module attributes for the duration of the call, so every forward runs on the engine's single
-inference thread (the batcher's executor); nothing else calls `forward_task`.
+swaps module attributes for the duration of the call, so forwards are serialised by one lock: request
+batches run on the batcher's inference thread; a registration's or the store watcher's proof forward
+takes the same lock.
+
+Which tasks are live follows the store's index (`sync_with_store`), whoever changed it: this process
+through `register`/`unregister`, or another replica sharing the store.
 """
 
 from __future__ import annotations
@@ -16,9 +20,20 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch.func import functional_call
 
-from mask_store import BackboneLayout, TaskArtifact, TaskNotFound, TaskStore, build_backbone, build_transform
+from mask_store import (
+    BackboneLayout,
+    CorruptArtifact,
+    StoreUnavailable,
+    TaskArtifact,
+    TaskNotFound,
+    TaskStore,
+    artifact_identity,
+    build_backbone,
+    build_transform,
+)
 from mask_store.manifest import Manifest
 from service.cache import TaskWeightCache
 from service.kernels.select import select_mask_apply
@@ -27,6 +42,7 @@ from service.settings import Settings
 
 log = logging.getLogger("piggyback.engine")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NEVER = object()  # no store index applied yet
 
 
 @dataclass(eq=False)
@@ -34,14 +50,19 @@ class LoadedTask:
     """A registered task, ready on the device. Requests hold a reference, so replacing it is safe."""
 
     manifest: Manifest
+    identity: str  # sha256 of the manifest (which binds every tensor): the cache key of this exact artifact
     nonzero: torch.Tensor
     negative: torch.Tensor | None
     overrides: dict[str, torch.Tensor]
     transform: object = field(repr=False)
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.manifest.task, self.manifest.version)
+    def name(self) -> str:
+        return self.manifest.task
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
 
 
 class Engine:
@@ -56,12 +77,17 @@ class Engine:
         self.flat_weights = self._pack_maskable_weights()
         self.kernel_name, self._mask_apply = select_mask_apply(self.device, settings.kernel)
         self.cache = TaskWeightCache(int(settings.cache_budget_mb * 1024 * 1024), metrics.cache_event)
-        # Uncacheable task weights are written here: reused by every forward (one inference thread),
-        # so budget 0 costs the apply itself, not a fresh allocation and its page faults per batch.
+        # Uncacheable task weights are written here: reused by every forward (forwards are serialised
+        # by _forward_lock), so budget 0 costs the apply itself, not a fresh allocation per batch.
         self._scratch: torch.Tensor | None = None
         self.store = TaskStore(settings.store)
         self._tasks: dict[str, LoadedTask] = {}
-        self._lock = threading.Lock()
+        self.failed: dict[str, str] = {}  # task name -> why this replica does not serve it
+        self._failed_versions: dict[str, tuple[int, str]] = {}  # known-bad (version, identity): not reloaded
+        self._applied_tag: str | None | object = _NEVER
+        self._lock = threading.Lock()  # the registry: _tasks and failed
+        self._forward_lock = threading.Lock()  # functional_call swaps module attributes: one forward at a time
+        self._sync_lock = threading.Lock()
         log.info(
             "backbone %s on %s (%s), %d masked weights, fingerprint %s, mask kernel %s",
             settings.backbone,
@@ -83,53 +109,142 @@ class Engine:
         return flat
 
     # --- task registry -------------------------------------------------------------------------
-    def load_store(self) -> None:
-        """Activate the latest version of every stored task; a broken one is logged and skipped."""
-        for name in self.store.names():
-            try:
-                artifact = self.store.get(name)
-                artifact.check_backbone(self.layout)
-                self.activate(artifact)
-            except Exception as exc:  # one bad task must not keep the others from serving
-                log.error("skipping stored task %s: %s", name, exc)
+    def prepare(self, artifact: TaskArtifact) -> LoadedTask:
+        """Put a validated artifact on the device and prove it runs; raises CorruptArtifact if it cannot.
 
-    def activate(self, artifact: TaskArtifact) -> LoadedTask:
-        """Make a validated artifact live, replacing any older version atomically."""
-        to_device = {"device": self.device}
+        The proof is what a request would do: preprocess an image at the declared input, one forward,
+        finite probabilities. A task that passes cannot fail every request or break the warm-up.
+        """
+        artifact.check_backbone(self.layout)
         planes = artifact.plane_tensors()
+        manifest = artifact.manifest
         task = LoadedTask(
-            manifest=artifact.manifest,
-            nonzero=planes[0].to(**to_device),
-            negative=planes[1].to(**to_device) if len(planes) > 1 else None,
+            manifest=manifest,
+            identity=artifact_identity(manifest),
+            nonzero=planes[0].to(self.device),
+            negative=planes[1].to(self.device) if len(planes) > 1 else None,
             overrides={
                 name: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
                 for name, t in artifact.task_tensors.items()
             },
-            transform=build_transform(artifact.manifest.preprocess),
+            transform=build_transform(manifest.preprocess),
         )
-        with self._lock:
-            self._tasks[task.manifest.task] = task
-            self.metrics.registered_tasks.set(len(self._tasks))
-        self.cache.discard(lambda key: key[0] == task.manifest.task and key != task.key)
+        what = f"task {manifest.task} version {manifest.version}"
+        try:
+            probe = task.transform(Image.new("RGB", (manifest.preprocess.size, manifest.preprocess.size)))
+            probe = torch.stack([probe, torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))])
+            probabilities = self.forward_task(task, probe, prove=True)
+        except Exception as exc:
+            raise CorruptArtifact(
+                f"{what} cannot run on this {self.layout.arch} at its declared input "
+                f"({manifest.preprocess.size} px): {exc}"
+            ) from exc
+        if probabilities.shape != (2, len(manifest.labels)) or not torch.isfinite(probabilities).all():
+            raise CorruptArtifact(f"{what} gives non-finite or misshapen outputs on a test input")
         return task
 
+    def _install(self, task: LoadedTask, allow_older: bool) -> None:
+        """Make `task` live. Under the lock, a registration never replaces a higher live version;
+        the store watcher may (allow_older): the store's index is the truth after an unregister."""
+        with self._lock:
+            current = self._tasks.get(task.name)
+            if current is not None and (
+                current.identity == task.identity or (not allow_older and current.version > task.version)
+            ):
+                return
+            self._tasks[task.name] = task
+            self.failed.pop(task.name, None)
+            self._failed_versions.pop(task.name, None)
+            self.metrics.registered_tasks.set(len(self._tasks))
+        if current is not None:
+            self.cache.discard(lambda key: key == current.identity)
+
+    def _deactivate(self, name: str) -> None:
+        with self._lock:
+            task = self._tasks.pop(name, None)
+            self.failed.pop(name, None)
+            self._failed_versions.pop(name, None)
+            self.metrics.registered_tasks.set(len(self._tasks))
+        if task is not None:
+            self.cache.discard(lambda key: key == task.identity)
+        self.metrics.forget_task(name)
+
     def register(self, data: bytes) -> LoadedTask:
-        """Validate against this backbone, store durably, then activate. Nothing changes on refusal."""
-        artifact = self.store.put(data, self.layout)
-        return self.activate(artifact)
+        """Validate, prove it runs, store durably, then activate. A refusal changes nothing; an
+        activation that fails after the store took the artifact withdraws it again."""
+        prepared: list[LoadedTask] = []
+        artifact = self.store.put(data, self.layout, prove=lambda a: prepared.append(self.prepare(a)))
+        task = prepared[0]
+        try:
+            self._install(task, allow_older=False)
+        except BaseException:
+            log.exception("activation of %s version %d failed; withdrawing it from the store", task.name, task.version)
+            self.store.withdraw(artifact.manifest.task, artifact.manifest.version)
+            raise
+        return task
 
     def unregister(self, name: str) -> None:
         """Remove from the store and from serving; requests already holding the task still finish."""
         self.store.delete(name)
+        self._deactivate(name)
+
+    def sync_with_store(self) -> bool:
+        """Serve exactly what the store's index names (changes by any process); True when fully applied.
+
+        Cheap when nothing changed: one tag read. A task that fails to load keeps its previous version
+        here (if any), is listed in `failed` and counted; a storage error is retried at the next call.
+        """
+        with self._sync_lock:
+            tag = self.store.index_tag()
+            if tag == self._applied_tag:
+                return True
+            index, tag = self.store.read_index()
+            complete = True
+            for name in index.tasks:
+                version, entry = index.live(name)
+                current = self._task_or_none(name)
+                if current is not None and current.version == version and entry.identity in ("", current.identity):
+                    continue
+                if self._failed_versions.get(name) == (version, entry.identity):
+                    continue
+                try:
+                    self._install(self.prepare(self.store.get(name, version)), allow_older=True)
+                    log.info("serving task %s version %d from the store", name, version)
+                except StoreUnavailable as exc:
+                    complete = False
+                    log.warning("task %s version %d: store unavailable, will retry: %s", name, version, exc)
+                except Exception as exc:  # one bad task must not keep the others from serving
+                    self._record_failure(name, version, entry.identity, exc)
+            for name in {t.name for t in self.tasks()} - set(index.tasks):
+                self._deactivate(name)
+                log.info("task %s was unregistered in the store", name)
+            if complete:
+                self._applied_tag = tag
+            return complete
+
+    def load_store(self) -> None:
+        """Start-up: serve every stored task that loads; the others are listed in `failed`."""
+        self.sync_with_store()
+
+    def _record_failure(self, name: str, version: int, identity: str, exc: Exception) -> None:
+        reason = f"version {version}: {exc}"
         with self._lock:
-            self._tasks.pop(name, None)
-            self.metrics.registered_tasks.set(len(self._tasks))
-        self.cache.discard(lambda key: key[0] == name)
+            self.failed[name] = reason
+            self._failed_versions[name] = (version, identity)
+        self.metrics.task_load_failures.labels(kind=type(exc).__name__).inc()
+        kept = self._task_or_none(name)
+        log.error("task %s %s; %s", name, reason, f"still serving version {kept.version}" if kept else "not serving it")
+
+    def _task_or_none(self, name: str) -> LoadedTask | None:
+        with self._lock:
+            return self._tasks.get(name)
 
     def task(self, name: str) -> LoadedTask:
-        with self._lock:
-            task = self._tasks.get(name)
+        task = self._task_or_none(name)
         if task is None:
+            why = self.failed.get(name)
+            if why is not None:
+                raise TaskNotFound(f"task {name!r} is stored but this server cannot serve it: {why}")
             raise TaskNotFound(f"no task named {name!r}; GET /tasks lists the registered ones")
         return task
 
@@ -137,30 +252,43 @@ class Engine:
         with self._lock:
             return sorted(self._tasks.values(), key=lambda t: t.manifest.task)
 
-    # --- inference (inference thread only) -------------------------------------------------------
-    def task_weights(self, task: LoadedTask) -> torch.Tensor:
-        """The task's masked flat weight buffer, from the cache or freshly applied."""
+    def is_current(self, task: LoadedTask) -> bool:
+        with self._lock:
+            return self._tasks.get(task.name) is task
+
+    # --- inference ---------------------------------------------------------------------------------
+    def _apply_masks(self, task: LoadedTask, out: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        self._mask_apply(self.flat_weights, task.nonzero, task.negative, out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.metrics.mask_apply.labels(kernel=self.kernel_name).observe(time.perf_counter() - started)
+        return out
+
+    def _scratch_buffer(self) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.flat_weights)
+        return self._scratch
+
+    def task_weights(self, task: LoadedTask, use_cache: bool = True) -> torch.Tensor:
+        """The task's masked flat weight buffer, from the cache or freshly applied.
+
+        The cache is keyed by the artifact's identity, and only a task that is still live is admitted:
+        a batch that finishes after its task was replaced or removed cannot put stale weights back.
+        """
+        if not use_cache:
+            return self._apply_masks(task, self._scratch_buffer())
+        nbytes = self.flat_weights.numel() * self.flat_weights.element_size()
 
         def apply() -> torch.Tensor:
-            started = time.perf_counter()
-            nbytes = self.flat_weights.numel() * self.flat_weights.element_size()
-            if self.cache.will_keep(nbytes):
-                out = torch.empty_like(self.flat_weights)
-            else:
-                if self._scratch is None:
-                    self._scratch = torch.empty_like(self.flat_weights)
-                out = self._scratch
-            self._mask_apply(self.flat_weights, task.nonzero, task.negative, out)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.metrics.mask_apply.labels(kernel=self.kernel_name).observe(time.perf_counter() - started)
-            return out
+            out = torch.empty_like(self.flat_weights) if self.cache.will_keep(nbytes) else self._scratch_buffer()
+            return self._apply_masks(task, out)
 
-        return self.cache.get_or_create(task.key, apply)
+        return self.cache.get_or_create(task.identity, apply, admit=lambda: self.is_current(task))
 
-    def task_parameters(self, task: LoadedTask) -> dict[str, torch.Tensor]:
+    def task_parameters(self, task: LoadedTask, use_cache: bool = True) -> dict[str, torch.Tensor]:
         """Every tensor the task substitutes: masked weights (views into its buffer), head, BN, fine-tuned."""
-        buffer = self.task_weights(task)
+        buffer = self.task_weights(task, use_cache)
         params = {
             f"{layer.name}.weight": buffer[layer.bit_offset : layer.bit_offset + layer.numel].view(layer.shape)
             for layer in task.manifest.layers
@@ -169,16 +297,16 @@ class Engine:
         return params
 
     @torch.inference_mode()
-    def forward_task(self, task: LoadedTask, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities [N, num_labels] for a batch of preprocessed images."""
-        params = self.task_parameters(task)
-        started = time.perf_counter()
-        logits = functional_call(self.backbone, params, (images.to(self.device, self.dtype),))
-        probabilities = torch.softmax(logits.float(), dim=1).cpu()
-        self.metrics.forward.labels(task=task.manifest.task).observe(time.perf_counter() - started)
-        return probabilities
+    def forward_task(self, task: LoadedTask, images: torch.Tensor, prove: bool = False) -> torch.Tensor:
+        """Class probabilities [N, num_labels] for a batch of preprocessed images.
 
-    def warm_up(self) -> None:
-        for task in self.tasks():
-            size = task.manifest.preprocess.size
-            self.forward_task(task, torch.zeros(1, 3, size, size))
+        `prove`: a registration's test forward: no cache entry, no per-task metric series.
+        """
+        with self._forward_lock:
+            params = self.task_parameters(task, use_cache=not prove)
+            started = time.perf_counter()
+            logits = functional_call(self.backbone, params, (images.to(self.device, self.dtype),))
+            probabilities = torch.softmax(logits.float(), dim=1).cpu()
+        if not prove:
+            self.metrics.forward.labels(task=task.manifest.task).observe(time.perf_counter() - started)
+        return probabilities

@@ -7,7 +7,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mask_store import BackboneMismatch, CorruptArtifact, TaskNotFound, TaskVersionExists, UnsupportedImage
+from mask_store import (
+    BackboneMismatch,
+    CorruptArtifact,
+    StoreFull,
+    StoreUnavailable,
+    TaskNotFound,
+    TaskVersionExists,
+    UnsupportedImage,
+)
 
 
 class ServiceError(Exception):
@@ -50,6 +58,8 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     BackboneMismatch: 422,
     TaskVersionExists: 409,
     UnsupportedImage: 415,
+    StoreFull: 507,  # before its base class: the first match wins
+    StoreUnavailable: 503,
 }
 
 

@@ -52,5 +52,23 @@ class Metrics:
             "piggyback_task_cache_events", "Task weight cache hits, misses and evictions", ["event"], registry=r
         )
 
+        self.task_load_failures = Counter(
+            "piggyback_task_load_failures",
+            "Stored task versions this replica could not load or prove (it keeps serving the previous one)",
+            ["kind"],
+            registry=r,
+        )
+        self.store_sync_errors = Counter(
+            "piggyback_store_sync_errors",
+            "Polls of the shared store that failed (the replica keeps serving what it has)",
+            ["kind"],
+            registry=r,
+        )
+
+    def forget_task(self, name: str) -> None:
+        """Remove every series labelled with task `name`, so unregistered tasks do not pile up in /metrics."""
+        for metric in (self.request_latency, self.queue_wait, self.forward, self.batch_size):
+            metric.remove_by_labels({"task": name})
+
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event=event).inc()

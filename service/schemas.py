@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 from mask_store.manifest import Manifest, Preprocess
@@ -30,6 +32,7 @@ class BackboneInfo(BaseModel):
 
 class TaskInfo(BaseModel):
     name: str
+    status: Literal["serving"] = "serving"
     version: int
     labels: list[str]
     num_classes: int
@@ -60,3 +63,11 @@ class TaskInfo(BaseModel):
             preprocess=manifest.preprocess,
             training=manifest.training,
         )
+
+
+class FailedTask(BaseModel):
+    """A stored task this replica does not serve: its artifact failed to load or to run."""
+
+    name: str
+    status: Literal["failed"] = "failed"
+    error: str

@@ -16,7 +16,10 @@ class Settings(BaseSettings):
 
     backbone: str = Field("resnet18", description="torchvision architecture of the shared backbone")
     weights: str | None = Field(None, description="backbone state_dict file, or a torchvision weights name")
-    store: Path = Field(Path(".cache/demo/store"), description="task store directory")
+    store: str = Field(".cache/demo/store", description="task store: a directory or s3://bucket/prefix")
+    store_poll_s: float = Field(
+        1.0, gt=0, description="how often the store is checked for changes made by other replicas (seconds)"
+    )
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset disables admin")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -31,7 +34,6 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard (width * height)")
     max_request_bytes: int = Field(64 * MIB, ge=1)
     max_artifact_bytes: int = Field(1024 * MIB, ge=1)
-    warmup: bool = True
     replica_id: str | None = Field(None, description="name sent in X-Piggyback-Replica; default hostname-pid")
     # Ray Serve only (`service/ray_serve.py`); `python -m service` ignores them.
     ray_max_ongoing_requests: int = Field(8, ge=1, description="requests one replica works on at once")
@@ -40,14 +42,21 @@ class Settings(BaseSettings):
     ray_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each model replica")
     log_level: str = "info"
 
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_location_text(cls, location: str | Path) -> str:
+        return str(location)
+
     @field_validator("admin_token")
     @classmethod
     def _token_strong_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is None or not token.get_secret_value():
+        # Stripped: a token read from a secret file ends in a newline that no client ever sends.
+        value = token.get_secret_value().strip() if token is not None else ""
+        if not value:
             return None  # unset or empty: admin routes disabled
-        if len(token.get_secret_value()) < 16:
+        if len(value) < 16:
             raise ValueError("PIGGYBACK_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
-        return token
+        return SecretStr(value)
 
     def resolved_device(self) -> str:
         import torch

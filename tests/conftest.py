@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 
 import torch
 
@@ -82,3 +83,66 @@ def run_training_cli(weights, data, task: str, out, *extra: str):
                "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
                "--grayscale", "--no-progress", *extra]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(autouse=True)
+def http_contract_guard(request, monkeypatch):
+    """Fail the test on any 500 or non-JSON answer from a server it started (see tests/http_guard.py)."""
+    import httpx
+
+    from tests.http_guard import contract_violation, is_service_url
+
+    allow = request.node.get_closest_marker("allow_server_errors") is not None
+    violations: list[str] = []
+
+    def check(response: httpx.Response) -> None:
+        if is_service_url(response.request.url) and (problem := contract_violation(response, allow)):
+            violations.append(problem)
+            raise AssertionError(f"HTTP contract broken: {problem}")
+
+    sync_send, async_send = httpx.Client.send, httpx.AsyncClient.send
+
+    def send(self, request, **kwargs):
+        response = sync_send(self, request, **kwargs)
+        check(response)
+        return response
+
+    async def asend(self, request, **kwargs):
+        response = await async_send(self, request, **kwargs)
+        check(response)
+        return response
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    monkeypatch.setattr(httpx.AsyncClient, "send", asend)
+    yield
+    # also catches a violation whose AssertionError a worker thread or a broad `except` swallowed
+    assert not violations, "HTTP contract broken:\n" + "\n".join(violations)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback with a bucket and one user's keys (tests/s3_server.py); stopped by pid."""
+    from tests.s3_server import moto_s3
+
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS variables pointing at the test server, for this process and its children."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in s3_server.env(AWS_EC2_METADATA_DISABLED="true").items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_location(request, tmp_path) -> tuple[str, str]:
+    """(kind, location): a fresh directory, or a fresh prefix in the shared test bucket."""
+    if request.param == "local":
+        return "local", str(tmp_path / "store")
+    server = request.getfixturevalue("s3_env")
+    return "s3", f"s3://{server.bucket}/{uuid.uuid4().hex}"

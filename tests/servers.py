@@ -11,10 +11,12 @@ import time
 import httpx
 import numpy as np
 import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
+from tests.http_guard import SERVICE_URLS
 
 
 def free_port() -> int:
@@ -24,6 +26,8 @@ def free_port() -> int:
 
 
 def wait_ready(base_url: str, timeout: float = 120.0, process=None) -> None:
+    """Wait for /readyz; from then on the suite's HTTP contract guard checks every answer of `base_url`."""
+    SERVICE_URLS.add(base_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -36,10 +40,13 @@ def wait_ready(base_url: str, timeout: float = 120.0, process=None) -> None:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings):
-    """A real uvicorn server on a free loopback port, in this process; yields its base URL."""
+def serve_in_thread(settings: Settings, app: FastAPI | None = None):
+    """A real uvicorn server on a free loopback port, in this process; yields its base URL.
+
+    Pass `app` (built by `create_app(settings)`) to reach its state from the test, e.g. to inject a fault.
+    """
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app or create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -50,6 +57,7 @@ def serve_in_thread(settings: Settings):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        SERVICE_URLS.discard(base)
 
 
 def png_bytes(seed: int = 0, size: int = 16, mode: str = "L") -> bytes:
@@ -65,3 +73,32 @@ def jpeg_bytes(seed: int = 0, size: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def service_process(env: dict[str, str], timeout: float = 120.0):
+    """`python -m service` as a user runs it, configured by PIGGYBACK_* variables; yields its base URL.
+
+    Stopped with SIGTERM (then SIGKILL) even when the test fails.
+    """
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    full_env = {**os.environ, "PIGGYBACK_HOST": "127.0.0.1", "PIGGYBACK_PORT": str(port), "PIGGYBACK_DEVICE": "cpu"}
+    full_env.update(env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=timeout, process=process)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -2,7 +2,6 @@
 
 import json
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,7 @@ from mask_store import (
 )
 from mask_store.artifact import MANIFEST_KEY
 from tests.conftest import random_task_artifact
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.test_store_rules import visible
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
@@ -53,8 +49,9 @@ def test_masks_come_back_in_canonical_layer_order(resnet18, resnet18_layout):
 
 
 @pytest.fixture
-def store_with_task(tmp_path, resnet18, resnet18_layout):
-    store = TaskStore(tmp_path / "store")
+def store_with_task(store_location, resnet18, resnet18_layout):
+    """A store holding task `kept`, on each backend (a directory; a bucket prefix on a real S3 server)."""
+    store = TaskStore(store_location[1])
     store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="kept")), resnet18_layout)
     return store
 
@@ -67,7 +64,7 @@ def test_store_put_get_list_versions_delete(store_with_task, resnet18, resnet18_
     assert store.get("kept", 1).manifest.version == 1
     assert [m.task for m in store.list()] == ["kept"]
     store.delete("kept")
-    assert store.names() == [] and not any(store.root.iterdir())
+    assert store.names() == [] and store.objects.list() == ["_index.json"]
     with pytest.raises(TaskNotFound):
         store.get("kept")
 
@@ -128,11 +125,11 @@ BAD_ARTIFACTS = {
 def test_store_refuses_bad_artifact_and_stays_byte_identical(case, store_with_task, resnet18, resnet18_layout):
     make, error = BAD_ARTIFACTS[case]
     good = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="kept"))
-    before = snapshot(store_with_task.root)
+    before = visible(store_with_task)
     with pytest.raises(error) as excinfo:
         store_with_task.put(make(good, resnet18), resnet18_layout)
     assert str(excinfo.value)  # every refusal says what is wrong
-    assert snapshot(store_with_task.root) == before
+    assert visible(store_with_task) == before
 
 
 def test_head_shape_must_match_labels(resnet18, resnet18_layout):
@@ -140,13 +137,3 @@ def test_head_shape_must_match_labels(resnet18, resnet18_layout):
     bad.task_tensors["fc.bias"] = torch.zeros(3)
     with pytest.raises(BackboneMismatch, match="fc.bias"):
         bad.check_backbone(resnet18_layout)
-
-
-def test_crash_leftovers_are_invisible_and_cleaned(tmp_path, resnet18, resnet18_layout):
-    root = tmp_path / "store"
-    TaskStore(root).put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="kept")), resnet18_layout)
-    (root / ".incoming-123.safetensors").write_bytes(b"half a file")  # a crash mid-write
-    (root / ".trash-abc").mkdir()  # a crash mid-delete
-    store = TaskStore(root)
-    assert store.names() == ["kept"]
-    assert sorted(p.name for p in root.iterdir()) == ["kept"]

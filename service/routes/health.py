@@ -20,7 +20,8 @@ def healthz() -> dict:
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     if state.ready.is_set():
-        return JSONResponse({"status": "ready", "tasks": len(state.engine.tasks())})
+        engine = state.engine
+        return JSONResponse({"status": "ready", "tasks": len(engine.tasks()), "failed_tasks": dict(engine.failed)})
     detail = state.startup_error or "loading backbone and tasks"
     return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
 

@@ -13,14 +13,18 @@ from service.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
 from service.errors import PayloadTooLarge, status_for
 from service.images import images_to_batch
 from service.metrics import UNKNOWN_TASK
-from service.schemas import Prediction, PredictResponse, ScoredLabel, TaskInfo
+from service.schemas import FailedTask, Prediction, PredictResponse, ScoredLabel, TaskInfo
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 
-@router.get("", response_model=list[TaskInfo])
-def list_tasks(engine: EngineDep) -> list[TaskInfo]:
-    return [TaskInfo.from_manifest(task.manifest) for task in engine.tasks()]
+@router.get("", response_model=list[TaskInfo | FailedTask])
+def list_tasks(engine: EngineDep) -> list[TaskInfo | FailedTask]:
+    """Served tasks, then stored tasks this replica could not load (with the reason)."""
+    serving = [TaskInfo.from_manifest(task.manifest) for task in engine.tasks()]
+    served = {info.name for info in serving}
+    failed = [FailedTask(name=name, error=why) for name, why in sorted(engine.failed.items()) if name not in served]
+    return [*serving, *failed]
 
 
 @router.get("/{name}", response_model=TaskInfo)

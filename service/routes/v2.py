@@ -1,0 +1,276 @@
+"""The Open Inference Protocol (KServe V2) REST routes: each registered task is a model.
+
+A thin translation layer onto the same data plane as `POST /tasks/{name}/predict`: images are
+decoded by `images_to_batch` and run through `batcher.predict`, so limits, batching, deadlines and
+metrics are shared. Every error on these routes, whatever raised it, leaves as the protocol's
+`{"error": "..."}` with the status `service.errors.status_for` gives it, in one place: `V2Route`.
+
+Each model takes exactly one input:
+  - `image`: BYTES [N], encoded images (PNG, JPEG, ...): raw bytes in the binary tensor data
+    extension, base64 strings in JSON;
+  - `input`: FP32 [N, 3, S, S], images already preprocessed as the task declares (S its image size).
+It answers `probabilities`: FP32 [N, classes]; asked with `parameters: {"classification": k}`, that
+output is instead BYTES [N, k] of "score:index:label", best first (the classification extension).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mask_store import TaskNotFound
+from service.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep
+from service.engine import Engine, LoadedTask
+from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
+from service.images import images_to_batch
+from service.limits import BodyTooLarge
+from service.metrics import UNKNOWN_TASK
+from service.v2_wire import HEADER_LENGTH, InputTensor, OutputTensor, encode_infer_response, parse_infer_request
+
+log = logging.getLogger("piggyback.v2")
+
+IMAGE_INPUT = "image"
+TENSOR_INPUT = "input"
+OUTPUT = "probabilities"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+
+
+class UnsupportedEncoding(BadRequest):
+    status_code = 415
+
+
+def protocol_error(request: Request, exc: Exception) -> JSONResponse:
+    """The protocol's error shape for any exception: client errors keep their status, the rest are 500."""
+    if isinstance(exc, RequestValidationError):
+        status, message = 400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    elif isinstance(exc, StarletteHTTPException):
+        status, message = exc.status_code, str(exc.detail)
+    else:
+        status, message = status_for(exc), str(exc)
+    if status == 500:  # a bug, not the client's doing: the details go to the log, not to the client
+        log.error("V2 %s %s failed", request.method, request.url.path, exc_info=exc)
+        message = f"internal error ({type(exc).__name__}); see the server log"
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(kind=error_kind(exc)).inc()
+    return JSONResponse({"error": message}, status_code=status, headers=getattr(exc, "headers", None))
+
+
+class V2Route(APIRoute):
+    """Routes whose errors, from dependencies or handlers alike, take the protocol's error shape."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except BodyTooLarge:
+                raise  # BodySizeLimit answers it, in this protocol's shape too
+            except Exception as exc:
+                return protocol_error(request, exc)
+
+        return handle
+
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], route_class=V2Route)
+
+
+def _model(engine: Engine, name: str, version: str | None) -> LoadedTask:
+    task = engine.task(name)
+    if version is not None and version != str(task.manifest.version):
+        raise TaskNotFound(f"model {name!r} has no version {version!r}; it serves version {task.manifest.version}")
+    return task
+
+
+@router.get("")
+def server_metadata(request: Request) -> dict:
+    return {"name": "piggyback-serve", "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live")
+def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+def ready(engine: EngineDep) -> dict:
+    return {"ready": True}
+
+
+def _metadata(task: LoadedTask) -> dict:
+    size, classes = task.manifest.preprocess.size, len(task.manifest.labels)
+    return {
+        "name": task.manifest.task,
+        "versions": [str(task.manifest.version)],
+        "platform": "piggyback",
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]},
+        ],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+    }
+
+
+@router.get("/models/{name}")
+def model_metadata(name: str, engine: EngineDep) -> dict:
+    return _metadata(_model(engine, name, None))
+
+
+@router.get("/models/{name}/versions/{version}")
+def model_version_metadata(name: str, version: str, engine: EngineDep) -> dict:
+    return _metadata(_model(engine, name, version))
+
+
+@router.get("/models/{name}/ready")
+def model_ready(name: str, engine: EngineDep) -> dict:
+    return {"name": _model(engine, name, None).manifest.task, "ready": True}
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+def model_version_ready(name: str, version: str, engine: EngineDep) -> dict:
+    return {"name": _model(engine, name, version).manifest.task, "ready": True}
+
+
+def _image_blobs(tensor: InputTensor, max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
+    if tensor.datatype != "BYTES":
+        raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
+    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
+        raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] with N >= 1, not {tensor.shape}")
+    if tensor.shape[0] > max_images:
+        raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; at most {max_images} allowed")
+    elements = tensor.as_bytes_elements()
+    if len(elements) != tensor.shape[0]:
+        raise BadRequest(f"input {IMAGE_INPUT!r}: {len(elements)} elements for shape {tensor.shape}")
+    blobs = []
+    for index, element in enumerate(elements):
+        name = f"{IMAGE_INPUT}[{index}]"
+        if tensor.raw is None:  # JSON carries bytes as base64 text
+            try:
+                element = base64.b64decode(element, validate=True)
+            except binascii.Error as exc:
+                raise BadRequest(f"{name}: BYTES in JSON must be base64-encoded images ({exc})") from exc
+        if len(element) > max_bytes:
+            raise PayloadTooLarge(f"{name}: larger than {max_bytes} bytes")
+        blobs.append((name, element))
+    return blobs
+
+
+def _tensor_batch(tensor: InputTensor, size: int, max_images: int) -> torch.Tensor:
+    if tensor.datatype != "FP32":
+        raise BadRequest(f"input {TENSOR_INPUT!r} must be FP32 (preprocessed images), not {tensor.datatype}")
+    if len(tensor.shape) != 4 or tensor.shape[0] < 1 or tensor.shape[1:] != [3, size, size]:
+        raise BadRequest(f"input {TENSOR_INPUT!r} must have shape [N, 3, {size}, {size}], N >= 1; not {tensor.shape}")
+    if tensor.shape[0] > max_images:
+        raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; at most {max_images} allowed")
+    array = tensor.as_numpy()
+    if not np.isfinite(array).all():
+        raise BadRequest(f"input {TENSOR_INPUT!r} holds NaN or infinite values")
+    return torch.from_numpy(array.copy())
+
+
+def _outputs(request_outputs, default_binary: bool, probabilities: torch.Tensor, labels) -> list[OutputTensor]:
+    requested = request_outputs if request_outputs is not None else [None]
+    outputs = []
+    for wanted in requested:
+        binary = default_binary if wanted is None else wanted.binary
+        if wanted is not None and wanted.name != OUTPUT:
+            raise BadRequest(f"unknown output {wanted.name!r}; this model answers {OUTPUT!r}")
+        if wanted is None or wanted.classification is None:
+            outputs.append(OutputTensor(OUTPUT, "FP32", list(probabilities.shape), probabilities.numpy(), binary))
+            continue
+        k = min(wanted.classification, len(labels))
+        scores, indices = probabilities.topk(k, dim=1)
+        values = [
+            f"{score}:{index}:{labels[index]}".encode()
+            for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
+            for score, index in zip(row_scores, row_indices, strict=True)
+        ]
+        outputs.append(OutputTensor(OUTPUT, "BYTES", [len(probabilities), k], values, binary))
+    return outputs
+
+
+async def _infer(name: str, version: str | None, request: Request, engine, batcher, settings, metrics) -> Response:
+    started = time.perf_counter()
+    task, status = None, 500
+    metrics.inflight.inc()
+    try:
+        task = _model(engine, name, version)  # the request keeps this version even if it is replaced meanwhile
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; send the request uncompressed")
+        parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        if len(parsed.inputs) != 1:
+            raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {TENSOR_INPUT!r}; got {len(parsed.inputs)}")
+        tensor = parsed.inputs[0]
+        if tensor.name == IMAGE_INPUT:
+            blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
+            batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
+        elif tensor.name == TENSOR_INPUT:
+            batch = _tensor_batch(tensor, task.manifest.preprocess.size, settings.max_images_per_request)
+        else:
+            raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
+        probabilities = await batcher.predict(task, batch)
+        outputs = _outputs(parsed.outputs, parsed.default_binary, probabilities, task.manifest.labels)
+        response = {"model_name": task.manifest.task, "model_version": str(task.manifest.version)}
+        if parsed.id is not None:
+            response["id"] = parsed.id
+        body, headers = encode_infer_response(response, outputs)
+        status = 200
+        return Response(body, headers=headers)
+    except Exception as exc:
+        status = status_for(exc)
+        raise
+    finally:
+        metrics.inflight.dec()
+        label = name if task is not None else UNKNOWN_TASK  # unknown names never create a series
+        metrics.request_latency.labels(task=label, status=str(status)).observe(time.perf_counter() - started)
+
+
+# The body is read raw (JSON, or JSON + binary tensors); this documents it in /docs.
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "description": "an inference request: 'inputs', optional 'outputs'"},
+                "example": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["<base64>"]}]},
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON request then binary tensors; header Inference-Header-Content-Length",
+            },
+        },
+    }
+}
+
+
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
+async def infer(
+    name: str, request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep
+) -> Response:
+    return await _infer(name, None, request, engine, batcher, settings, metrics)
+
+
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
+async def infer_version(
+    name: str,
+    version: str,
+    request: Request,
+    engine: EngineDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    return await _infer(name, version, request, engine, batcher, settings, metrics)
