@@ -207,6 +207,25 @@ class _threads:
         self.pool.shutdown(wait=True)
 
 
+def test_a_registration_through_the_proxy_reaches_both_replicas(cluster, resnet18):
+    artifact = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="delta", seed=7))
+    created = httpx.post(
+        f"{cluster}/admin/tasks",
+        files={"artifact": ("delta.safetensors", artifact)},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=120,
+    )
+    assert created.status_code == 201, created.text
+    listed: dict[str, set] = {}
+    deadline = time.monotonic() + 30  # convergence bound: PIGGYBACK_STORE_POLL_S (1 s) plus scheduling slack
+    while time.monotonic() < deadline and not (len(listed) == 2 and all("delta" in t for t in listed.values())):
+        response = httpx.get(f"{cluster}/tasks", timeout=30)
+        listed[response.headers[REPLICA]] = {t["name"] for t in response.json()}
+        time.sleep(0.1)
+    assert len(listed) == 2 and all("delta" in names for names in listed.values()), listed
+    assert _predict(cluster, "delta", 0).json()["task"] == "delta"
+
+
 def test_overload_answers_503_with_retry_after_not_an_unbounded_queue(cluster):
     many = [("images", (f"{i}.png", png_bytes(i), "image/png")) for i in range(16)]
     barrier = threading.Barrier(32)
