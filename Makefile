@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= .cache/demo
 DEB_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: serve test lint demo bench-load bench-kernel bench-accuracy system-deps clean
+.PHONY: serve test lint demo bench-load bench-kernel bench-accuracy bench-ray system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ lint: $(VENV)/.installed
 
 bench-load: demo
 	$(PY) scripts/bench_load.py --weights $(DEMO_DIR)/backbone.pt --store $(DEMO_DIR)/store
+
+bench-ray: $(VENV)/.installed
+	$(PY) scripts/bench_ray.py
 
 bench-kernel: $(VENV)/.installed
 	$(PY) -m service.kernels.benchmark
