@@ -73,7 +73,7 @@ def _metrics_targets() -> Any:
 class PiggybackReplica:
     """One backbone and the unchanged FastAPI app; `forward` runs a request the router hands over."""
 
-    def __init__(self, settings: Settings) -> None:
+    async def __init__(self, settings: Settings) -> None:
         self.service = create_app(settings)
         self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.service), base_url="http://replica")
 
@@ -85,7 +85,7 @@ class PiggybackReplica:
         node = ray.util.get_node_ip_address()
         self._metrics_server, _ = start_http_server(0, addr=node, registry=self.service.state.metrics.registry)
         self._targets = _metrics_targets()
-        ray.get(self._targets.add.remote(self.service.state.replica, f"{node}:{self._metrics_server.server_port}"))
+        await self._targets.add.remote(self.service.state.replica, f"{node}:{self._metrics_server.server_port}")
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return self.service
