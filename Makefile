@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= .cache/demo
 DEB_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: serve test lint demo bench-load bench-soak bench-kernel bench-accuracy system-deps clean
+.PHONY: serve test lint demo bench-load bench-soak bench-kernel bench-accuracy bench-ray system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-load: demo
 
 bench-soak: $(VENV)/.installed
 	$(PY) scripts/bench_soak.py --seconds 60
+
+bench-ray: $(VENV)/.installed
+	$(PY) scripts/bench_ray.py
 
 bench-kernel: $(VENV)/.installed
 	$(PY) -m service.kernels.benchmark

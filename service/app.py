@@ -22,6 +22,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
+from service.replica import ReplicaHeader, replica_name
 from service.request_context import RequestContext
 from service.routes import admin, health, tasks, v2
 from service.settings import Settings
@@ -104,4 +105,6 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(AdminAuth, token=settings.admin_token)
     app.add_middleware(RequestContext)
+    app.state.replica = replica_name(settings.replica_id)
+    app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 500 names its replica
     return app

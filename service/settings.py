@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard (width * height)")
     max_request_bytes: int = Field(64 * MIB, ge=1)
     max_artifact_bytes: int = Field(1024 * MIB, ge=1)
+    replica_id: str | None = Field(None, description="name sent in X-Piggyback-Replica; default hostname-pid")
+    # Ray Serve only (`service/ray_serve.py`); `python -m service` ignores them.
+    ray_max_ongoing_requests: int = Field(8, ge=1, description="requests one replica works on at once")
+    ray_max_queued_requests: int = Field(64, ge=1, description="requests waiting for a replica; beyond: 503")
+    ray_tasks_per_replica: int = Field(20, ge=1, description="tasks a replica keeps hot for task routing")
+    ray_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each model replica")
     log_level: str = "info"
 
     @field_validator("store", mode="before")
