@@ -16,6 +16,7 @@ from mask_store.backbone import (
 from mask_store.errors import (
     BackboneMismatch,
     CorruptArtifact,
+    CorruptWeights,
     MaskStoreError,
     TaskNotFound,
     UnsupportedArchitecture,
@@ -25,11 +26,13 @@ from mask_store.image_modes import normalize_image
 from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
 from mask_store.preprocess import build_transform
 from mask_store.store import TaskStore, TaskVersionExists
+from mask_store.weights import offline_weights, verify_weights_file
 
 __all__ = [
     "BackboneLayout",
     "BackboneMismatch",
     "CorruptArtifact",
+    "CorruptWeights",
     "LayerEntry",
     "Manifest",
     "MaskSpec",
@@ -49,7 +52,9 @@ __all__ = [
     "make_artifact",
     "maskable_layers",
     "normalize_image",
+    "offline_weights",
     "read_manifest",
     "replace_head",
     "save_artifact",
+    "verify_weights_file",
 ]
