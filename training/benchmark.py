@@ -264,12 +264,33 @@ def run(cfg: BenchmarkConfig, out: Path) -> dict:
         "masked_params": layout.total,
         "rows": rows,
         "order_check": order,
+        "masked_out_per_layer": figure,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    if figure:
-        draw_figure(figure, out / "masked_out_per_layer.png")
+    if report["masked_out_per_layer"]:
+        draw_figure(report["masked_out_per_layer"], out / "masked_out_per_layer.png")
     (out / "table.md").write_text(markdown_table(report))
+
+
+def merge_reports(parts: list[Path], out: Path) -> dict:
+    """One report from runs of the same configuration on disjoint tasks (run in parallel, one per task)."""
+    reports = [json.loads((part / "results.json").read_text()) for part in parts]
+    first = reports[0]
+    report = {
+        **first,
+        "config": {**first["config"], "tasks": [t for r in reports for t in r["config"]["tasks"]]},
+        "rows": [row for r in reports for row in r["rows"]],
+        "order_check": [r["order_check"] for r in reports],
+        "masked_out_per_layer": {k: v for r in reports for k, v in r["masked_out_per_layer"].items()},
+    }
+    write_report(report, out)
     return report
 
 
@@ -339,6 +360,9 @@ def main() -> None:
     real.add_argument(
         "--weights", help="backbone state_dict file, torchvision weights name (e.g. IMAGENET1K_V2) or 'offline'"
     )
+    parser.add_argument("--task", action="append", default=[], help="only this offline task (repeat for more)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these runs' outputs into --out, train nothing")
     real.add_argument(
         "--imagefolder",
         action="append",
@@ -363,7 +387,13 @@ def main() -> None:
     }
     if args.imagefolder:
         overrides["imagefolders"] = tuple(tuple(item.split("=", 1)) for item in args.imagefolder)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.task:
+        overrides["tasks"] = tuple(args.task)
+    if args.merge:
+        merge_reports(args.merge, args.out)
+        print(f"merged {len(args.merge)} runs into {args.out}")
+        return
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     run(dataclasses.replace(PRESETS[args.preset], **overrides), args.out)
     print(f"wrote {args.out}/table.md, results.json, masked_out_per_layer.png in {time.perf_counter() - started:.0f}s")

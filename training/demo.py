@@ -39,7 +39,7 @@ DEMO_ARCH = "mobilenet_v2"
 # 32 px keeps the first `make serve` within a few minutes on 2 cores; digits are grayscale, replicated
 # to RGB, normalized with the backbone's ImageNet mean/std
 DEMO_PREPROCESS = Preprocess(size=32, grayscale=True)
-DEMO_TASK_IMAGES = 2000
+DEMO_TASK_IMAGES = 1000
 DEMO_TASKS = {"mnist": mnist_5k, "digits": sklearn_digits}
 OFFLINE = {"mnist5k": mnist_5k, "digits": sklearn_digits, "fashion": lambda: fashion_mnist("test")}
 
