@@ -37,6 +37,7 @@ def torchvision_probabilities(weights_file: Path, photo: Path) -> torch.Tensor:
     return model.eval()(image[None]).softmax(dim=1)[0]
 
 
+@pytest.mark.slow  # the CLI in a subprocess, a real server, two 224-px forwards of a real backbone
 def test_served_imagenet_task_equals_torchvision(tmp_path, weights_file):
     artifact_path = tmp_path / "imagenet.safetensors"
     subprocess.run(
