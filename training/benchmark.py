@@ -285,14 +285,16 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def merge_reports(parts: list[Path], out: Path) -> dict:
-    """One report from runs of the same configuration on disjoint tasks (run in parallel, one per task)."""
+    """One report from runs on disjoint tasks (e.g. one process per task). Where two runs hold the same
+    (task, method), the later part wins: rerun only the methods a changed setting affects."""
     reports = [json.loads((part / "results.json").read_text()) for part in parts]
-    first = reports[0]
+    rows = {(row["task"], row["method"]): row for r in reports for row in r["rows"]}
     report = {
-        **first,
-        "config": {**first["config"], "tasks": [t for r in reports for t in r["config"]["tasks"]]},
-        "rows": [row for r in reports for row in r["rows"]],
-        "order_check": [r["order_check"] for r in reports],
+        **reports[-1],
+        "config": {**reports[-1]["config"], "tasks": list(dict.fromkeys(task for task, _ in rows))},
+        "parts": [{"out": str(part), "config": r["config"]} for part, r in zip(parts, reports, strict=True)],
+        "rows": list(rows.values()),
+        "order_check": [r["order_check"] for r in reports if r["order_check"]["orders"]],
         "masked_out_per_layer": {k: v for r in reports for k, v in r["masked_out_per_layer"].items()},
     }
     write_report(report, out)
