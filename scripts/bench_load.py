@@ -1,11 +1,13 @@
-"""Load benchmark (not a test): one task vs a uniform mix of 20 tasks at the same concurrency.
+r"""Load benchmark (not a test): one task vs a uniform mix of 20 tasks at the same concurrency.
 
 Starts `python -m service` on a free loopback port with the given backbone, registers 20 tasks
 (random masks over that backbone: serving cost does not depend on what a mask learned), then
 drives it with concurrent clients from this process. Also measures register-to-first-prediction.
 
-    .venv/bin/python scripts/bench_load.py --weights .cache/demo/backbone.pt --cache-mb 1024
-    .venv/bin/python scripts/bench_load.py --weights .cache/demo/backbone.pt --cache-mb 0
+    .venv/bin/python scripts/bench_load.py --backbone mobilenet_v2 \
+        --weights .cache/demo/mobilenet_v2-b0353104.pth --cache-mb 1024
+    .venv/bin/python scripts/bench_load.py --backbone mobilenet_v2 \
+        --weights .cache/demo/mobilenet_v2-b0353104.pth --cache-mb 0
 """
 
 from __future__ import annotations
