@@ -12,7 +12,7 @@ DEB_PACKAGES := dataset-fashion-mnist prometheus
 
 .PHONY: serve test lint demo bench-load bench-kernel bench-accuracy system-deps clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
