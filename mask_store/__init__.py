@@ -25,6 +25,7 @@ from mask_store.backbone import (
 from mask_store.errors import (
     BackboneMismatch,
     CorruptArtifact,
+    CorruptWeights,
     MaskStoreError,
     TaskNotFound,
     UnsupportedArchitecture,
@@ -35,11 +36,13 @@ from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
 from mask_store.objects import ObjectStore, StoreFull, StoreUnavailable
 from mask_store.preprocess import build_transform
 from mask_store.store import LiveTask, TaskStore, TaskVersionExists
+from mask_store.weights import offline_weights, verify_weights_file
 
 __all__ = [
     "BackboneLayout",
     "BackboneMismatch",
     "CorruptArtifact",
+    "CorruptWeights",
     "LayerEntry",
     "Manifest",
     "MaskSpec",
@@ -65,7 +68,9 @@ __all__ = [
     "maskable_layers",
     "normalize_image",
     "parse_artifact",
+    "offline_weights",
     "read_manifest",
     "replace_head",
     "save_artifact",
+    "verify_weights_file",
 ]

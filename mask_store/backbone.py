@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from mask_store.errors import BackboneMismatch, UnsupportedArchitecture
+from mask_store.weights import verify_weights_file
 
 MASKABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -75,7 +76,8 @@ def build_backbone(arch: str, weights: str | Path | None = None) -> nn.Module:
     """A torchvision classifier in eval mode with the given weights.
 
     `weights` is a state_dict file (torch.save or .safetensors), a torchvision weights name such as
-    IMAGENET1K_V2 (downloads, needs internet), or None for random initialisation (tests).
+    IMAGENET1K_V2 (downloads, needs internet), or None for random initialisation (tests). A file named
+    the torchvision way (`mobilenet_v2-b0353104.pth`) must match that sha256 prefix (CorruptWeights).
     The head is resized to whatever the state_dict holds, so a `num_classes=10` backbone loads too.
     """
     if arch not in torchvision.models.list_models(module=torchvision.models):
@@ -84,6 +86,7 @@ def build_backbone(arch: str, weights: str | Path | None = None) -> nn.Module:
         )
     path = Path(weights) if weights is not None else None
     if path is not None and path.exists():
+        verify_weights_file(path)
         state = _load_weights_file(path)
         model = torchvision.models.get_model(arch, weights=None)
         head = head_module_name(model)

@@ -23,3 +23,7 @@ class UnsupportedArchitecture(MaskStoreError):
 
 class UnsupportedImage(MaskStoreError):
     """An image whose pixels cannot be brought to 8-bit L/RGB faithfully (the service answers 415)."""
+
+
+class CorruptWeights(MaskStoreError):
+    """A backbone weights file whose sha256 does not match the hash prefix in its torchvision-style name."""

@@ -51,6 +51,9 @@ class Preprocess(_Strict):
     """How the service turns an uploaded image into the tensor this task was trained on."""
 
     size: int = Field(gt=0, le=1024)
+    # ImageNet style when set: shorter side resized to `resize`, then a centred `size` x `size` crop.
+    # Unset (older artifacts): the whole image is resized to `size` x `size`.
+    resize: int | None = Field(None, gt=0, le=2048)
     grayscale: bool = False
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = (0.485, 0.456, 0.406)
     std: tuple[PositiveFiniteFloat, PositiveFiniteFloat, PositiveFiniteFloat] = (0.229, 0.224, 0.225)

@@ -1,4 +1,4 @@
-"""Load benchmark (not a test): one task vs a uniform mix of 20 tasks at the same concurrency.
+r"""Load benchmark (not a test): one task vs a uniform mix of 20 tasks at the same concurrency.
 
 Starts `python -m service` on a free loopback port with the given backbone (random init if no
 `--weights`: serving speed does not depend on the weights), registers 20 tasks (random masks:
@@ -8,7 +8,8 @@ over wall time), register-to-first-prediction, and raw torch forward throughput 
 backbone at the same mean batch size, measured in this process after the server stopped, as the
 base of an efficiency ratio. The client runs at nice 10, so the server gets the cores first.
 
-    .venv/bin/python scripts/bench_load.py --weights .cache/demo/backbone.pt
+    .venv/bin/python scripts/bench_load.py --backbone mobilenet_v2 \
+        --weights .cache/demo/mobilenet_v2-b0353104.pth --cache-mb 1024
     .venv/bin/python scripts/bench_load.py --backbone mobilenet_v2 --image-size 224 --profile /tmp/prof
 """
 

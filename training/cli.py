@@ -10,6 +10,7 @@ from pathlib import Path
 from torchvision import transforms
 
 from mask_store import BackboneLayout, Preprocess, build_backbone, build_transform, save_artifact
+from training import backbone_task
 from training.data import class_counts, image_folder
 from training.export import export_artifact
 from training.masking import MaskConfig
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--dataset", choices=("mnist5k", "digits", "fashion"), required=True)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--limit", type=int, default=None, help="at most this many images in all")
+    backbone_task.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "backbone-task":
+        return backbone_task.run(args)
     if args.command == "train":
         return cmd_train(args)
     if args.command == "demo":
