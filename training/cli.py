@@ -11,7 +11,6 @@ from torchvision import transforms
 
 from mask_store import BackboneLayout, Preprocess, build_backbone, build_transform, save_artifact
 from mask_store.errors import MaskStoreError
-from mask_store.image_modes import normalize_image
 from training.data import class_counts, image_folder
 from training.export import export_artifact
 from training.masking import MaskConfig
@@ -81,13 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bad:
         sys.exit(f"error: {len(bad)} unreadable images; fix or remove them:\n" + "\n".join(bad))
     layout = BackboneLayout.from_model(args.backbone, backbone)
-    mode = "L" if args.grayscale else "RGB"  # augment 8-bit upright pixels, as the service will see them
     train_set.transform = transforms.Compose(
-        [
-            transforms.Lambda(lambda image: normalize_image(image, mode)),
-            *augmentations(args.augment, args.image_size),
-            build_transform(preprocess),
-        ]
+        [*augmentations(args.augment, args.image_size), build_transform(preprocess)]
     )
     print(
         f"{len(train_set)} training images, {len(val_set)} validation images, classes: "
