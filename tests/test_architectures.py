@@ -16,8 +16,8 @@ from training.trainer import TrainConfig, train_task
 # one member of each supported family (the smallest), plus the names the contract gives as examples
 FAST = {"resnet18": 16, "mobilenet_v2": 16, "mobilenet_v3_small": 16, "mnasnet0_5": 16, "shufflenet_v2_x0_5": 16,
         "efficientnet_b0": 16, "regnet_x_400mf": 16}  # fmt: skip
-SLOW = {"alexnet": 64, "convnext_tiny": 32, "densenet121": 32, "resnet50": 16, "resnext50_32x4d": 16, "wide_resnet50_2": 16,
-        "vgg16_bn": 32}  # fmt: skip
+SLOW = {"alexnet": 64, "convnext_tiny": 32, "densenet121": 32, "resnet50": 16, "resnext50_32x4d": 16,
+        "wide_resnet50_2": 16, "vgg16_bn": 32}  # fmt: skip
 
 
 class Noise(torch.utils.data.Dataset):
