@@ -9,6 +9,7 @@ Masks are always keyed by these module names, never by position alone.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from mask_store.architectures import check_architecture
 from mask_store.errors import BackboneMismatch, UnsupportedArchitecture
 from mask_store.weights import verify_weights_file
 
@@ -66,9 +68,14 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     # weights_only=True refuses arbitrary pickled objects: a state_dict of tensors is all we accept.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Its own refusal advises weights_only=False, which would run the file's code: say what to do instead.
+    not_plain = f"{path} is not a plain state_dict; save model.state_dict() with torch.save"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsupportedArchitecture(not_plain) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnsupportedArchitecture(f"{path} is not a plain state_dict of tensors")
+        raise UnsupportedArchitecture(not_plain)
     return state
 
 
@@ -80,10 +87,7 @@ def build_backbone(arch: str, weights: str | Path | None = None) -> nn.Module:
     the torchvision way (`mobilenet_v2-b0353104.pth`) must match that sha256 prefix (CorruptWeights).
     The head is resized to whatever the state_dict holds, so a `num_classes=10` backbone loads too.
     """
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise UnsupportedArchitecture(
-            f"unknown architecture {arch!r}; use a torchvision classification model name such as resnet18"
-        )
+    check_architecture(arch)
     path = Path(weights) if weights is not None else None
     if path is not None and path.exists():
         verify_weights_file(path)

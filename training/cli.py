@@ -10,11 +10,23 @@ from pathlib import Path
 from torchvision import transforms
 
 from mask_store import BackboneLayout, Preprocess, build_backbone, build_transform, save_artifact
+from mask_store.errors import MaskStoreError
 from training import backbone_task
 from training.data import class_counts, image_folder
 from training.export import export_artifact
 from training.masking import MaskConfig
 from training.trainer import TrainConfig, train_task
+from training.validate import (
+    InvalidArgument,
+    bad_images,
+    check_classes,
+    check_input_size,
+    check_train_args,
+    finetune_leaves,
+    image_size,
+    positive_float,
+    positive_int,
+)
 
 AUGMENTATIONS = ("none", "flip", "crop-flip")
 
@@ -32,36 +44,43 @@ def _train_parser(sub) -> None:
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/ and val/")
     p.add_argument("--task", required=True, help="task name (letters, digits, . _ -)")
     p.add_argument("--out", required=True, type=Path, help="artifact file to write")
-    p.add_argument("--version", type=int, default=None, help="task version (default: current unix time)")
+    p.add_argument("--version", type=int, default=None, help="task version >= 1 (default: current unix time)")
     p.add_argument("--method", choices=("piggyback", "mixed"), default="piggyback")
-    p.add_argument("--finetune-layers", default="", help="mixed: comma-separated layer names to fine-tune")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr-decay-every", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr-scores", type=float, default=1e-4)
-    p.add_argument("--lr-head", type=float, default=1e-3)
+    p.add_argument("--finetune-layers", default="", help="mixed: comma-separated Conv2d/Linear layers or blocks")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--lr-decay-every", type=positive_int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr-scores", type=positive_float, default=1e-4)
+    p.add_argument("--lr-head", type=positive_float, default=1e-3)
     p.add_argument("--per-task-bn", action="store_true", help="learn BatchNorm per task (else frozen)")
     p.add_argument("--ternary", action="store_true", help="masks in {-1, 0, +1} (2 bit planes)")
     p.add_argument("--mask-init", choices=("constant", "uniform"), default="constant")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=image_size, default=224)
     p.add_argument("--grayscale", action="store_true", help="inputs are grayscale (replicated to 3 channels)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="flip")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--register", metavar="URL", help="upload the artifact to a running server when done")
     p.add_argument("--token", help="admin token for --register")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar (epoch summaries stay)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.register and not args.token:
-        sys.exit("--register needs --token")
+    """Validate everything (arguments, backbone, input size, every image) first, then train, export, register."""
     preprocess = Preprocess(size=args.image_size, grayscale=args.grayscale)
-    backbone = build_backbone(args.backbone, args.weights)
+    try:
+        check_train_args(args)
+        backbone = build_backbone(args.backbone, args.weights)
+        finetune_layers = finetune_leaves(backbone, args.finetune_layers)
+        check_input_size(backbone, args.image_size)
+        train_set, val_set = image_folder(args.data, "train", preprocess), image_folder(args.data, "val", preprocess)
+        check_classes(train_set.classes, val_set.classes)
+    except (InvalidArgument, MaskStoreError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    bad = bad_images([path for ds in (train_set, val_set) for path, _ in ds.samples], args.grayscale)
+    if bad:
+        sys.exit(f"error: {len(bad)} unreadable images; fix or remove them:\n" + "\n".join(bad))
     layout = BackboneLayout.from_model(args.backbone, backbone)
-    train_set, val_set = image_folder(args.data, "train", preprocess), image_folder(args.data, "val", preprocess)
-    if train_set.classes != val_set.classes:
-        sys.exit(f"train classes {train_set.classes} differ from val classes {val_set.classes}")
     train_set.transform = transforms.Compose(
         [*augmentations(args.augment, args.image_size), build_transform(preprocess)]
     )
@@ -77,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_scores=args.lr_scores,
         lr_head=args.lr_head,
         per_task_bn=args.per_task_bn,
-        finetune_layers=tuple(n for n in args.finetune_layers.split(",") if n),
+        finetune_layers=finetune_layers,
         mask=MaskConfig(kind="ternary" if args.ternary else "binary", init=args.mask_init),
         seed=args.seed,
         device=args.device,
@@ -94,15 +113,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     save_artifact(artifact, args.out)
     m = artifact.manifest
+    accuracy = "unavailable" if result.val_accuracy is None else f"{result.val_accuracy:.4f}"
     print(
-        f"validation accuracy {result.val_accuracy:.4f}; wrote {args.out} ({args.out.stat().st_size} bytes): "
+        f"validation accuracy {accuracy}; wrote {args.out} ({args.out.stat().st_size} bytes): "
         f"{m.mask.numel} masked parameters, {m.bits_per_param:.3f} bits/parameter ({m.mask.encoding}), "
         f"density {m.density:.3f}"
     )
     if args.register:
-        from training.register import register_artifact
+        return cmd_register(args.out, args.register, args.token)
+    return 0
 
-        print(register_artifact(args.out, args.register, args.token))
+
+def cmd_register(path: Path, url: str, token: str) -> int:
+    """Upload an artifact; any failure is one line on stderr and exit status 1 (the file is kept)."""
+    from training.register import RegistrationFailed, register_artifact
+
+    try:
+        print(register_artifact(path, url, token))
+    except (RegistrationFailed, InvalidArgument) as exc:
+        sys.exit(f"error: registration failed: {exc} (the artifact {path} is kept)")
     return 0
 
 
@@ -115,13 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export-imagefolder", help="write an offline data set as an ImageFolder of PNGs")
     export.add_argument("--dataset", choices=("mnist5k", "digits", "fashion"), required=True)
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--limit", type=int, default=None, help="at most this many images in all")
+    export.add_argument("--limit", type=positive_int, default=None, help="at most this many images, stratified")
+    register = sub.add_parser("register", help="upload an existing task artifact to a running server")
+    register.add_argument("file", type=Path, help="task artifact (.safetensors) written by train")
+    register.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    register.add_argument("--token", required=True, help="the server's admin token")
     backbone_task.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "backbone-task":
         return backbone_task.run(args)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "register":
+        return cmd_register(args.file, args.url, args.token)
     if args.command == "demo":
         from training.demo import build_demo
 
@@ -129,5 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from training.demo import export_offline_imagefolder
 
-    export_offline_imagefolder(args.dataset, args.out, args.limit)
+    try:
+        export_offline_imagefolder(args.dataset, args.out, args.limit)
+    except ValueError as exc:
+        sys.exit(f"error: --limit: {exc}")
     return 0

@@ -8,6 +8,7 @@ All are grayscale; the shared transform turns them into 3-channel tensors for to
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -96,17 +97,34 @@ def sklearn_digits() -> ArrayImageDataset:
 def stratified_split(
     dataset: ArrayImageDataset, val_fraction: float, seed: int
 ) -> tuple[ArrayImageDataset, ArrayImageDataset]:
-    """Shuffle, then split every class in the same proportion (sources may be sorted by label)."""
+    """Shuffle, then split every class in the same proportion (sources may be sorted by label).
+
+    A class with at least two images keeps at least one on each side, so both splits have the same classes.
+    """
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
     for label in np.unique(dataset.labels):
         members = rng.permutation(np.flatnonzero(dataset.labels == label))
         cut = int(round(len(members) * val_fraction))
+        if len(members) >= 2 and 0 < val_fraction < 1:
+            cut = min(max(cut, 1), len(members) - 1)
         val_idx.append(members[:cut])
         train_idx.append(members[cut:])
     return dataset.subset(rng.permutation(np.concatenate(train_idx))), dataset.subset(
         rng.permutation(np.concatenate(val_idx))
     )
+
+
+def stratified_sample(dataset: ArrayImageDataset, count: int, seed: int) -> ArrayImageDataset:
+    """`count` images drawn round-robin over the classes (shuffled within each), so every class gets
+    `count // classes` or one more; at least two per class, so a later split keeps every class on both sides."""
+    classes = np.unique(dataset.labels)
+    if count < 2 * len(classes):
+        raise ValueError(f"{count} images are too few: {len(classes)} classes need at least {2 * len(classes)}")
+    rng = np.random.default_rng(seed)
+    members = [rng.permutation(np.flatnonzero(dataset.labels == label)) for label in classes]
+    order = [m[i] for i in range(max(len(m) for m in members)) for m in members if i < len(m)]
+    return dataset.subset(np.asarray(order[:count]))
 
 
 def class_counts(dataset) -> np.ndarray:
@@ -123,12 +141,29 @@ def open_image(path: str) -> Image.Image:
     return image
 
 
+class VisibleImageFolder(datasets.ImageFolder):
+    """ImageFolder that ignores hidden folders and files (`.ipynb_checkpoints/`, `._x.png`): they are no classes."""
+
+    @staticmethod
+    def find_classes(directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
+def _visible_image(path: str) -> bool:
+    return not any(part.startswith(".") for part in Path(path).parts[-2:]) and datasets.folder.is_image_file(path)
+
+
 def image_folder(root: Path, split: str, preprocess: Preprocess) -> datasets.ImageFolder:
-    """`root/<split>/<class>/*.png` with the task's transform; classes sorted by folder name."""
+    """`root/<split>/<class>/*.png` with the task's transform; classes sorted by folder name, hidden ones ignored."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory: expected DIR/train/<class>/ and DIR/val/<class>/")
-    ds = datasets.ImageFolder(str(folder), transform=build_transform(preprocess), loader=open_image)
+    ds = VisibleImageFolder(
+        str(folder), transform=build_transform(preprocess), loader=open_image, is_valid_file=_visible_image
+    )
     ds.labels = np.asarray(ds.targets)
     return ds
 

@@ -29,6 +29,7 @@ from training.data import (
     fashion_mnist,
     mnist_5k,
     sklearn_digits,
+    stratified_sample,
     stratified_split,
     write_image_folder,
 )
@@ -106,7 +107,7 @@ def export_offline_imagefolder(name: str, out: Path, limit: int | None) -> None:
     """Write an offline data set as `out/train/<class>/*.png` and `out/val/<class>/*.png`."""
     dataset = OFFLINE[name]()
     if limit:
-        dataset = _sample(dataset, limit, seed=0)
+        dataset = stratified_sample(dataset, limit, seed=0)
     train, val = stratified_split(dataset, val_fraction=0.2, seed=0)
     write_image_folder(train, out, "train")
     write_image_folder(val, out, "val")

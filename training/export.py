@@ -33,7 +33,10 @@ def export_artifact(
     preprocess: Preprocess,
     extra: dict | None = None,
 ) -> TaskArtifact:
-    """Package a piggyback/mixed result; fine-tuned layers get an all-ones mask plus their own weights."""
+    """Package a piggyback/mixed result; fine-tuned layers get an all-ones mask plus their own weights.
+
+    The manifest records no wall-clock time, so identical training writes identical bytes.
+    """
     if result.config.method not in ("piggyback", "mixed"):
         raise ValueError(f"only piggyback and mixed results become task artifacts, not {result.config.method!r}")
     model = result.model
@@ -50,7 +53,6 @@ def export_artifact(
         "per_task_bn": config.per_task_bn,
         "finetune_layers": list(config.finetune_layers),
         "val_accuracy": result.val_accuracy,
-        "seconds": round(result.seconds, 2),
         **(extra or {}),
     }
     return make_artifact(

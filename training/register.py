@@ -1,4 +1,4 @@
-"""Upload a task artifact to a running server's admin endpoint (`--register URL --token T`)."""
+"""Upload a task artifact to a running server's admin endpoint (`register FILE --url URL --token T`, `--register`)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,33 @@ from pathlib import Path
 
 import httpx
 
+from training.validate import check_url
+
+
+class RegistrationFailed(Exception):
+    """The server could not be reached or refused the artifact; the message is one line for the user."""
+
 
 def register_artifact(path: Path, url: str, token: str, timeout: float = 120.0) -> str:
-    """POST the artifact to `<url>/admin/tasks`; returns a one-line summary or raises with the server's detail."""
-    with open(path, "rb") as handle:
-        response = httpx.post(
-            url.rstrip("/") + "/admin/tasks",
-            headers={"Authorization": f"Bearer {token}"},
-            files={"artifact": (path.name, handle, "application/octet-stream")},
-            timeout=timeout,
-        )
+    """POST the artifact to `<url>/admin/tasks`; returns a one-line summary or raises RegistrationFailed."""
+    check_url(url)
+    if not Path(path).is_file():
+        raise RegistrationFailed(f"{path} is not a file")
+    try:
+        with open(path, "rb") as handle:
+            response = httpx.post(
+                url.rstrip("/") + "/admin/tasks",
+                headers={"Authorization": f"Bearer {token}"},
+                files={"artifact": (path.name, handle, "application/octet-stream")},
+                timeout=timeout,
+            )
+    except httpx.HTTPError as exc:
+        raise RegistrationFailed(f"cannot reach {url}: {exc or type(exc).__name__}") from None
     if response.status_code != 201:
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        raise SystemExit(f"registration failed ({response.status_code}): {detail}")
+        raise RegistrationFailed(f"server refused the artifact ({response.status_code}): {detail}")
     task = response.json()
     return f"registered task {task['name']} version {task['version']} at {url}"

@@ -9,6 +9,7 @@ fine-tuning (SGD momentum 0.9, lr 1e-3).
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mask_store import head_module_name, replace_head
+from mask_store import head_module_name, maskable_layers, replace_head
+from mask_store.errors import MaskStoreError
 from training.masking import MaskConfig, MaskedLayer, apply_masking
 
 Method = Literal["piggyback", "mixed", "classifier", "finetune"]
@@ -41,7 +43,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     num_workers: int = 0
-    progress: bool = True
+    progress: bool = True  # a live progress bar, drawn only on a terminal; one summary line per epoch always
 
     @property
     def bn_is_trained(self) -> bool:
@@ -51,14 +53,21 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     model: nn.Module
-    val_accuracy: float
+    val_accuracy: float | None  # None when the validation data could not be read: the model is still returned
     history: list[dict]
     seconds: float
     config: TrainConfig
 
 
 def prepare_model(backbone: nn.Module, num_classes: int, config: TrainConfig) -> nn.Module:
-    """A trainable copy of the backbone for `config.method`; the backbone itself is left untouched."""
+    """A trainable copy of the backbone for `config.method`; the backbone itself is left untouched.
+
+    Fine-tuned layers must be masked leaves: a block would unfreeze the weights of the masked layers inside it.
+    """
+    maskable = {name for name, _ in maskable_layers(backbone)}
+    for name in config.finetune_layers:
+        if name not in maskable:
+            raise ValueError(f"fine-tuned layer {name!r} is not a masked Conv2d/Linear leaf of the backbone")
     model = copy.deepcopy(backbone)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -158,7 +167,10 @@ def train_task(
         loss_sum = 0.0
         epoch_start = time.perf_counter()
         bar = tqdm(
-            loader, desc=f"{config.method} epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
+            loader,
+            desc=f"{config.method} epoch {epoch}/{config.epochs}",
+            disable=not (config.progress and sys.stderr.isatty()),
+            leave=False,
         )
         for images, labels in bar:
             images, labels = images.to(config.device), labels.to(config.device)
@@ -174,14 +186,17 @@ def train_task(
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", samples_s=f"{rate:.0f}")
         scheduler.step()
         history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)})
-        if config.progress:
-            tqdm.write(
-                f"{config.method} epoch {epoch}/{config.epochs}: loss {loss_sum / max(seen, 1):.4f} "
-                f"train acc {correct / max(seen, 1):.4f} ({rate:.0f} samples/s)"
-            )
+        tqdm.write(
+            f"{config.method} epoch {epoch}/{config.epochs}: loss {loss_sum / max(seen, 1):.4f} "
+            f"train acc {correct / max(seen, 1):.4f} ({rate:.0f} samples/s)"
+        )
     if config.bn_is_trained and config.reestimate_bn and config.method != "finetune":
         reestimate_batchnorm(model, train_set, config)
-    accuracy = evaluate(model, val_set, device=config.device)
+    try:
+        accuracy = evaluate(model, val_set, device=config.device)
+    except (OSError, SyntaxError, ValueError, MaskStoreError) as exc:  # unreadable validation data
+        accuracy = None
+        print(f"warning: validation failed, the trained model is kept without an accuracy: {exc}", file=sys.stderr)
     return TrainResult(
         model=model.eval(), val_accuracy=accuracy, history=history, seconds=time.perf_counter() - started, config=config
     )
