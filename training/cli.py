@@ -9,8 +9,10 @@ from pathlib import Path
 
 from torchvision import transforms
 
-from mask_store import BackboneLayout, Preprocess, build_backbone, build_transform, save_artifact
+from mask_store import BackboneLayout, Preprocess, TaskStore, artifact_bytes, build_backbone, build_transform
 from mask_store.errors import MaskStoreError
+from mask_store.fsio import atomic_write_bytes
+from mask_store.object_location import is_s3_location
 from training import backbone_task
 from training.data import class_counts, image_folder
 from training.export import export_artifact
@@ -43,7 +45,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--weights", required=True, help="state_dict file, or a torchvision weights name (needs internet)")
     p.add_argument("--data", required=True, type=Path, help="ImageFolder root with train/ and val/")
     p.add_argument("--task", required=True, help="task name (letters, digits, . _ -)")
-    p.add_argument("--out", required=True, type=Path, help="artifact file to write")
+    p.add_argument(
+        "--out", required=True, help="artifact file to write, or a store s3://bucket/prefix to publish the task to"
+    )
     p.add_argument("--version", type=int, default=None, help="task version >= 1 (default: current unix time)")
     p.add_argument("--method", choices=("piggyback", "mixed"), default="piggyback")
     p.add_argument("--finetune-layers", default="", help="mixed: comma-separated Conv2d/Linear layers or blocks")
@@ -111,27 +115,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         labels=list(train_set.classes),
         preprocess=preprocess,
     )
-    save_artifact(artifact, args.out)
+    data = artifact_bytes(artifact)
+    if is_s3_location(args.out):  # published through the store's index: replicas polling it serve it
+        try:
+            TaskStore(args.out).put(data, layout)
+        except MaskStoreError as exc:  # never lose a finished model to the upload
+            kept = Path(f"{artifact.manifest.task}-{artifact.manifest.version}.safetensors").absolute()
+            atomic_write_bytes(kept, data)
+            sys.exit(f"error: could not publish to {args.out}: {exc} (the artifact is kept in {kept})")
+        wrote = f"published to {args.out} ({len(data)} bytes)"
+    else:
+        atomic_write_bytes(Path(args.out), data)
+        wrote = f"wrote {args.out} ({len(data)} bytes)"
     m = artifact.manifest
     accuracy = "unavailable" if result.val_accuracy is None else f"{result.val_accuracy:.4f}"
     print(
-        f"validation accuracy {accuracy}; wrote {args.out} ({args.out.stat().st_size} bytes): "
+        f"validation accuracy {accuracy}; {wrote}: "
         f"{m.mask.numel} masked parameters, {m.bits_per_param:.3f} bits/parameter ({m.mask.encoding}), "
         f"density {m.density:.3f}"
     )
     if args.register:
-        return cmd_register(args.out, args.register, args.token)
+        return cmd_register(data, args.register, args.token, kept=args.out)
     return 0
 
 
-def cmd_register(path: Path, url: str, token: str) -> int:
-    """Upload an artifact; any failure is one line on stderr and exit status 1 (the file is kept)."""
+def cmd_register(source: Path | bytes, url: str, token: str, kept: str | Path | None = None) -> int:
+    """Upload an artifact (a file, or bytes kept at `kept`); any failure is one line on stderr and exit
+    status 1 (the artifact is kept)."""
     from training.register import RegistrationFailed, register_artifact
 
     try:
-        print(register_artifact(path, url, token))
+        print(register_artifact(source, url, token))
     except (RegistrationFailed, InvalidArgument) as exc:
-        sys.exit(f"error: registration failed: {exc} (the artifact {path} is kept)")
+        sys.exit(f"error: registration failed: {exc} (the artifact {kept or source} is kept)")
     return 0
 
 

@@ -13,19 +13,23 @@ class RegistrationFailed(Exception):
     """The server could not be reached or refused the artifact; the message is one line for the user."""
 
 
-def register_artifact(path: Path, url: str, token: str, timeout: float = 120.0) -> str:
-    """POST the artifact to `<url>/admin/tasks`; returns a one-line summary or raises RegistrationFailed."""
+def register_artifact(source: Path | bytes, url: str, token: str, timeout: float = 120.0) -> str:
+    """POST the artifact (a file, or its bytes) to `<url>/admin/tasks`; returns a one-line summary or
+    raises RegistrationFailed."""
     check_url(url)
-    if not Path(path).is_file():
-        raise RegistrationFailed(f"{path} is not a file")
+    if isinstance(source, bytes):
+        data, name = source, "artifact.safetensors"
+    elif Path(source).is_file():
+        data, name = Path(source).read_bytes(), Path(source).name
+    else:
+        raise RegistrationFailed(f"{source} is not a file")
     try:
-        with open(path, "rb") as handle:
-            response = httpx.post(
-                url.rstrip("/") + "/admin/tasks",
-                headers={"Authorization": f"Bearer {token}"},
-                files={"artifact": (path.name, handle, "application/octet-stream")},
-                timeout=timeout,
-            )
+        response = httpx.post(
+            url.rstrip("/") + "/admin/tasks",
+            headers={"Authorization": f"Bearer {token}"},
+            files={"artifact": (name, data, "application/octet-stream")},
+            timeout=timeout,
+        )
     except httpx.HTTPError as exc:
         raise RegistrationFailed(f"cannot reach {url}: {exc or type(exc).__name__}") from None
     if response.status_code != 201:

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mask_store import maskable_layers
+from mask_store import TaskStore, maskable_layers
 from mask_store.errors import MaskStoreError
 from mask_store.image_modes import normalize_image
-from mask_store.manifest import TASK_NAME_PATTERN, Preprocess
+from mask_store.manifest import MAX_VERSION, TASK_NAME_PATTERN, Preprocess
+from mask_store.object_location import is_s3_location
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MAX_IMAGE_SIZE = Preprocess.model_fields["size"].metadata[1].le  # the artifact schema's own bound
@@ -72,14 +73,14 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise InvalidArgument(
             f"--task {args.task!r}: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
-    if args.version is not None and args.version < 1:
-        raise InvalidArgument(f"--version must be at least 1, not {args.version} (omit it to use the current time)")
-    out = Path(args.out)
-    if out.is_dir():
-        raise InvalidArgument(f"--out {out} is a directory; name the artifact file, e.g. {out}/task.safetensors")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        raise InvalidArgument(f"--out {out}: {parent} is not a directory")
+    if args.version is not None and not 1 <= args.version <= MAX_VERSION:
+        raise InvalidArgument(
+            f"--version must be 1 to {MAX_VERSION}, not {args.version} (omit it to use the current time)"
+        )
+    if is_s3_location(args.out):
+        TaskStore(args.out)  # wrong credentials or a missing bucket: said now, not after training
+    else:
+        _check_out_file(Path(args.out))
     if args.per_task_bn and args.batch_size < 2:
         raise InvalidArgument("--per-task-bn needs --batch-size of at least 2 (BatchNorm learns from batch statistics)")
     if args.method == "mixed" and not args.finetune_layers.strip():
@@ -90,6 +91,14 @@ def check_train_args(args: argparse.Namespace) -> None:
         check_url(args.register)
         if not args.token:
             raise InvalidArgument("--register needs --token")
+
+
+def _check_out_file(out: Path) -> None:
+    if out.is_dir():
+        raise InvalidArgument(f"--out {out} is a directory; name the artifact file, e.g. {out}/task.safetensors")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise InvalidArgument(f"--out {out}: {parent} is not a directory")
 
 
 def finetune_leaves(model: nn.Module, spec: str) -> tuple[str, ...]:
