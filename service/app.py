@@ -22,6 +22,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
+from service.prediction_limit import PredictionLimit
 from service.replica import ReplicaHeader, replica_name
 from service.request_context import RequestContext
 from service.routes import admin, health, tasks, v2
@@ -95,8 +96,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v2.router)
     app.add_middleware(StampArrival)
-    # Outermost last: request id and JSON 500s around everything, then the admin token (headers only),
-    # then the body size limit, so an unauthenticated client learns nothing and uploads nothing.
+    # Outermost last: request id and JSON 500s around everything, then the cap on predictions in flight
+    # and the admin token (headers only), then the body size limit: an unauthenticated or shed client
+    # uploads nothing.
     app.add_middleware(
         BodySizeLimit,
         limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024},
@@ -104,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
         error_keys={"/v2/": "error"},
     )
     app.add_middleware(AdminAuth, token=settings.admin_token)
+    app.add_middleware(PredictionLimit, limit=settings.max_concurrent_predictions)
     app.add_middleware(RequestContext)
     app.state.replica = replica_name(settings.replica_id)
     app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 500 names its replica

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     cache_budget_mb: float = Field(1024, ge=0, description="materialized task weights kept; 0 = apply per request")
     max_batch_size: int = Field(32, ge=1, description="images per forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for batch-mates")
+    max_concurrent_predictions: int = Field(
+        64, ge=1, description="prediction requests inside the server at once; more get 503 before their body is read"
+    )
     max_queued_images: int | None = Field(
         None, ge=1, description="images waiting for the engine before new ones get 503; unset = 4 x max_batch_size"
     )

@@ -190,3 +190,21 @@ def test_burst_without_a_gate_is_answered_503_200_or_504(server):
     assert set(statuses) <= {200, 503, 504}, statuses
     assert 503 in statuses and 200 in statuses
     assert all(retry == "1" for status, retry in results if status == 503)
+
+
+def test_predictions_beyond_the_concurrency_cap_are_shed_before_their_body_is_read(tmp_path, backbone_file, resnet18):
+    TaskStore(tmp_path).put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="alpha", seed=1)))
+    settings = server_settings(backbone_file, tmp_path, max_batch_size=1, max_concurrent_predictions=2)
+    with serve_app(settings) as (app, base), ThreadPoolExecutor(2) as pool:
+        with engine_held(app):
+            admitted = [pool.submit(predict, base) for _ in range(2)]
+            wait_until(lambda: metric(base, "piggyback_inflight_requests") == 2)
+            shed = predict(base, timeout=10)
+            assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+            assert "in flight" in shed.json()["detail"] and shed.headers["connection"] == "close"
+            v2 = httpx.post(f"{base}/v2/models/alpha/infer", json={"inputs": []}, timeout=10)
+            assert v2.status_code == 503 and "in flight" in v2.json()["error"]
+            assert httpx.get(f"{base}/tasks/alpha", timeout=10).status_code == 200  # other routes are not capped
+        assert [future.result().status_code for future in admitted] == [200, 200]
+        assert metric(base, "piggyback_rejected_requests_total", reason="concurrency") == 2
+        assert predict(base).status_code == 200
