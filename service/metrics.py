@@ -8,6 +8,7 @@ few mask-apply implementations.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 UNKNOWN_TASK = "_unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -83,8 +84,9 @@ class Metrics:
 
     def forget_task(self, name: str) -> None:
         """Remove every series labelled with task `name`, so unregistered tasks do not pile up in /metrics."""
-        for metric in (self.request_latency, self.queue_wait, self.forward, self.batch_size):
-            metric.remove_by_labels({"task": name})
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and "task" in metric._labelnames:
+                metric.remove_by_labels({"task": name})
 
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event=event).inc()

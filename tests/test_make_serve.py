@@ -64,7 +64,7 @@ def test_fresh_make_serve_answers_the_readme_example(tmp_path):
             server.wait()
         log.close()
     output = (tmp_path / "serve.log").read_text()
-    assert "training demo task 'mnist'" in output and "%|" in output  # first run reports progress
+    assert "training demo task 'mnist'" in output and "epoch 1/" in output  # first run reports progress
     assert {t["name"] for t in json.loads(tasks.stdout)} >= {"imagenet", "mnist", "digits"}
     photo = Path(sklearn.__file__).parent / "datasets" / "images" / re.search(r"@\S*/(\w+\.jpg)", command)[1]
     reference = torchvision_probabilities(Path(tmp_path / "demo" / "mobilenet_v2-b0353104.pth"), photo)

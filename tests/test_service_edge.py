@@ -181,6 +181,7 @@ def test_register_unregister_cycles_do_not_grow_metrics(served, artifact):
     base, _ = served
     baseline = None
     with httpx.Client(base_url=base, timeout=60) as client:
+        assert client.post("/tasks/alpha/predict", files=[("images", ("i.png", png_bytes(0)))]).status_code == 200
         for cycle in range(50):
             name = f"cycle-{cycle}"
             data = artifact_bytes(renamed(artifact, name))
