@@ -106,7 +106,9 @@ def create_app(settings: Settings) -> FastAPI:
         error_keys={"/v2/": "error"},
     )
     app.add_middleware(AdminAuth, token=settings.admin_token)
-    app.add_middleware(PredictionLimit, limit=settings.max_concurrent_predictions)
+    app.add_middleware(
+        PredictionLimit, limit=settings.max_concurrent_predictions, max_body_bytes=settings.max_request_bytes
+    )
     app.add_middleware(RequestContext)
     app.state.replica = replica_name(settings.replica_id)
     app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 500 names its replica

@@ -1,9 +1,11 @@
 """Sheds load at the door: past `limit` predictions in flight, a new one gets 503 + `Retry-After` at
-once, before its body is read or parsed.
+once, without its body being parsed, spooled or decoded.
 
 The batcher's queue bound only sees requests whose uploads were already received and decoded; under
-a burst of hundreds of clients the cost is in receiving and parsing those bodies (memory grew by
-hundreds of MB in the soak). Counting requests here, in pure ASGI, bounds that cost too.
+a burst of hundreds of clients the cost is in receiving and parsing those bodies. Counting requests
+here, in pure ASGI, bounds that cost too. A refused body is still read and dropped chunk by chunk
+(up to `max_body_bytes`): an HTTP/1.1 client sends its whole body before it reads the answer, and
+closing on it mid-upload turns the 503 into a connection reset on the client's side.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ RETRY_AFTER_S = 1
 class PredictionLimit:
     """At most `limit` prediction requests (either front door) inside the app at once."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, max_body_bytes: int):
         self.app = app
         self.limit = limit
+        self.max_body_bytes = max_body_bytes
         self.inflight = 0  # one event loop: no lock needed
 
     async def __call__(self, scope, receive, send):
@@ -38,10 +41,24 @@ class PredictionLimit:
             )
             key = "error" if scope["path"].startswith("/v2/") else "detail"
             headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
-            await send_json_error(send, 503, detail, headers=headers, close=has_body(scope), key=key)
+            drained = not has_body(scope) or await self._discard_body(receive)
+            await send_json_error(send, 503, detail, headers=headers, close=not drained, key=key)
             return
         self.inflight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.inflight -= 1
+
+    async def _discard_body(self, receive) -> bool:
+        """Read and drop the request body; False when the client left or it exceeds `max_body_bytes`."""
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:
+                return False
+            if not message.get("more_body", False):
+                return True

@@ -201,7 +201,7 @@ def test_predictions_beyond_the_concurrency_cap_are_shed_before_their_body_is_re
             wait_until(lambda: metric(base, "piggyback_inflight_requests") == 2)
             shed = predict(base, timeout=10)
             assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
-            assert "in flight" in shed.json()["detail"] and shed.headers["connection"] == "close"
+            assert "in flight" in shed.json()["detail"]  # the client read its 503: no reset mid-upload
             v2 = httpx.post(f"{base}/v2/models/alpha/infer", json={"inputs": []}, timeout=10)
             assert v2.status_code == 503 and "in flight" in v2.json()["error"]
             assert httpx.get(f"{base}/tasks/alpha", timeout=10).status_code == 200  # other routes are not capped
