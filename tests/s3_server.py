@@ -93,12 +93,9 @@ def moto_s3(bucket: str = "piggyback-test") -> Iterator[MotoS3]:
         httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
         yield MotoS3(endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"], process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        from tests.servers import stop_process
+
+        stop_process(process, grace_s=10)
 
 
 if __name__ == "__main__":
