@@ -58,7 +58,7 @@ async def lifespan(app: FastAPI):
             engine, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.queue_bound()
         )
         state.batcher.start()
-        state.watcher = StoreWatcher(engine, state.settings.store_poll_s)
+        state.watcher = StoreWatcher(engine, settings.store_poll_s)
         state.watcher.start()
         state.engine = engine
         state.ready.set()
