@@ -109,3 +109,22 @@ def stop_process(process, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def metric(base: str, name: str, **labels) -> float:
+    """Sum of a metric's samples whose labels include `labels` (0 if none yet)."""
+    total = 0.0
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            if line.split("{")[0].split(" ")[0] == name:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    """Poll `condition` every 20 ms until it holds; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)

@@ -20,7 +20,7 @@ import uvicorn
 from mask_store import TaskStore, artifact_bytes
 from service.app import create_app
 from tests.conftest import random_task_artifact, server_settings
-from tests.servers import free_port, png_bytes, wait_ready
+from tests.servers import free_port, metric, png_bytes, wait_ready, wait_until
 
 BOUND = 3  # images allowed to wait; with max_batch_size=1, two more sit in the executor behind the gate
 
@@ -62,27 +62,9 @@ def server(tmp_path_factory, backbone_file, resnet18):
         yield served
 
 
-def metric(base: str, name: str, **labels) -> float:
-    """Sum of a metric's samples whose labels include `labels` (0 if none yet)."""
-    total = 0.0
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            if line.split("{")[0].split(" ")[0] == name:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def predict(base: str, timeout: float = 60, **headers) -> httpx.Response:
     files = [("images", ("a.png", png_bytes(seed=3), "image/png"))]
     return httpx.post(f"{base}/tasks/alpha/predict", files=files, headers=headers, timeout=timeout)
-
-
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.02)
 
 
 def counters(base: str) -> dict[str, float]:

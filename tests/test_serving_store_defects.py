@@ -17,7 +17,7 @@ from PIL import Image
 from mask_store import BackboneLayout, TaskStore, artifact_bytes, make_artifact
 from tests.conftest import ADMIN_TOKEN, random_task_artifact, server_settings
 from tests.reference_model import dedicated_network, expected_probabilities
-from tests.servers import png_bytes, serve_in_thread
+from tests.servers import metric, png_bytes, serve_in_thread, wait_until
 from tests.test_artifact_store import edit_manifest
 from tests.test_store_rules import mounted
 
@@ -49,11 +49,12 @@ def test_reregistering_a_name_and_version_never_serves_the_old_masks(tmp_path, b
     old = random_task_artifact(resnet18, "resnet18", task="t", seed=1)
     new = random_task_artifact(resnet18, "resnet18", task="t", seed=2)  # same name and version, other masks
     TaskStore(tmp_path).put(artifact_bytes(old))
-    settings = server_settings(backbone_file, tmp_path, max_batch_delay_ms=1500.0)
+    settings = server_settings(backbone_file, tmp_path, max_batch_delay_ms=2500.0)
     with serve_in_thread(settings) as base:
         queued = {}
         thread = threading.Thread(target=lambda: queued.update(response=predict(base, "t")))
-        thread.start()  # waits 1.5 s in the batcher while the task is replaced under it
+        thread.start()  # waits 2.5 s in the batcher while the task is replaced under it
+        wait_until(lambda: metric(base, "piggyback_queued_images") == 1)  # queued before the DELETE is sent
         assert httpx.delete(f"{base}/admin/tasks/t", headers=AUTH, timeout=60).status_code == 204
         assert register(base, artifact_bytes(new)).status_code == 201
         thread.join()
