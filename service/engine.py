@@ -2,9 +2,9 @@
 
 The backbone's maskable weights are packed once into one flat buffer (the layout of the mask bits);
 a task's weights are that buffer with the task's bits applied, written to a separate buffer (cached
-or per request). The forward runs the backbone module through `torch.func.functional_call` with the
-task's tensors substituted, so the backbone's own tensors are never written. `functional_call`
-swaps module attributes for the duration of the call, so forwards are serialised by one lock: request
+or per request). The forward runs the backbone module with the task's tensors substituted
+(`service.tensor_swap`), so the backbone's own tensors are never written. The substitution
+displaces module tensors for the duration of the forward, so forwards are serialised by one lock: request
 batches run on the batcher's inference thread; a registration's or the store watcher's proof forward
 takes the same lock.
 
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from torch.func import functional_call
 
 from mask_store import (
     BackboneLayout,
@@ -39,6 +38,7 @@ from service.cache import TaskWeightCache
 from service.kernels.select import select_mask_apply
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tensor_swap import TensorSlots
 
 log = logging.getLogger("piggyback.engine")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,6 +74,7 @@ class Engine:
         backbone = build_backbone(settings.backbone, settings.weights)
         self.layout = BackboneLayout.from_model(settings.backbone, backbone)  # fingerprint of the fp32 weights
         self.backbone = backbone.to(self.device, self.dtype).eval().requires_grad_(False)
+        self._slots = TensorSlots(self.backbone)
         self.flat_weights = self._pack_maskable_weights()
         self.kernel_name, self._mask_apply = select_mask_apply(self.device, settings.kernel)
         self.cache = TaskWeightCache(int(settings.cache_budget_mb * 1024 * 1024), metrics.cache_event)
@@ -86,7 +87,7 @@ class Engine:
         self._failed_versions: dict[str, tuple[int, str]] = {}  # known-bad (version, identity): not reloaded
         self._applied_tag: str | None | object = _NEVER
         self._lock = threading.Lock()  # the registry: _tasks and failed
-        self._forward_lock = threading.Lock()  # functional_call swaps module attributes: one forward at a time
+        self._forward_lock = threading.Lock()  # a forward displaces module tensors: one forward at a time
         self._sync_lock = threading.Lock()
         log.info(
             "backbone %s on %s (%s), %d masked weights, fingerprint %s, mask kernel %s",
@@ -305,7 +306,8 @@ class Engine:
         with self._forward_lock:
             params = self.task_parameters(task, use_cache=not prove)
             started = time.perf_counter()
-            logits = functional_call(self.backbone, params, (images.to(self.device, self.dtype),))
+            with self._slots.substituted(params) as backbone:
+                logits = backbone(images.to(self.device, self.dtype))
             probabilities = torch.softmax(logits.float(), dim=1).cpu()
         if not prove:
             self.metrics.forward.labels(task=task.manifest.task).observe(time.perf_counter() - started)

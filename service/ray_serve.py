@@ -7,8 +7,9 @@ Two deployments make one Serve application:
   `create_app(settings)`, so every route, error and limit is the single-process one.
 - `TaskRouter`: the application's HTTP ingress. It forwards each request as-is to some replica; for
   `/tasks/{name}/...` it names the task as the Serve *multiplexed model id*, so Serve prefers the
-  replicas that already hold that task's materialized weights and falls back to any replica. Clients
-  keep POSTing to `/tasks/{name}/predict` and need to know nothing of Ray.
+  replicas that already hold that task's materialized weights and falls back to any replica. The same
+  holds for the KServe V2 routes `/v2/models/{name}/...`. Clients keep POSTing to
+  `/tasks/{name}/predict` (or `/v2/models/{name}/infer`) and need to know nothing of Ray.
 
 Metrics: each replica serves its own registry (the same metric names as `python -m service`) on a
 port of its node, and announces it to a small named actor; `GET /metrics/targets` on the router
@@ -38,7 +39,8 @@ from service.app import create_app
 from service.errors import NotReady
 from service.settings import Settings
 
-TASK_PATH = re.compile(r"^/tasks/([^/]+)/")
+# the task a request is for: our own routes and the Open Inference Protocol's per-model routes
+TASK_PATH = re.compile(r"^/(?:tasks|v2/models)/([^/]+)/")
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 METRICS_TARGETS_ACTOR = "piggyback-metrics-targets"
 NAMESPACE = "piggyback"

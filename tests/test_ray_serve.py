@@ -7,6 +7,7 @@ replicas land one per node), `serve deploy` of docker/ray-serve.yaml with this t
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import shutil
@@ -131,9 +132,18 @@ def test_predictions_through_the_proxy_equal_the_single_process_service(cluster,
     assert all(r.headers[REPLICA] for r in through_ray)
 
 
+def _v2_infer(base: str, task: str, seed: int) -> httpx.Response:
+    image = base64.b64encode(png_bytes(seed)).decode()
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}
+    return httpx.post(f"{base}/v2/models/{task}/infer", json=body, timeout=60)
+
+
 def test_task_routing_keeps_one_task_on_the_replica_that_holds_it(cluster):
     replicas = {_predict(cluster, "alpha", seed).headers[REPLICA] for seed in range(10)}
     assert len(replicas) == 1, replicas  # sequential requests never overload the replica holding alpha
+    v2 = [_v2_infer(cluster, "alpha", seed) for seed in range(10)]  # the KServe V2 front door is routed alike
+    assert [r.status_code for r in v2] == [200] * 10, v2[0].text
+    assert {r.headers[REPLICA] for r in v2} == replicas
 
 
 def test_errors_keep_the_contract_through_the_proxy(cluster):
