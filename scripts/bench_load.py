@@ -198,13 +198,16 @@ def main() -> int:
     parser.add_argument("--cache-mb", type=float, default=1024, help="server's task-weight cache; 0 = per request")
     parser.add_argument("--kernel", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--torch-threads", type=int, default=0, help="PIGGYBACK_TORCH_THREADS; 0 = default")
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of the server (one per run)")
     args = parser.parse_args()
+    threads = args.torch_threads or torch.get_num_threads()  # what the server will use (it inherits OMP_NUM_THREADS)
+    torch.set_num_threads(threads)  # the raw forward runs on as many threads as the server's
 
     names = [f"task{i:02d}" for i in range(args.tasks)]
     image = png_bytes(seed=0, size=args.image_size, mode="L" if args.image_size < 64 else "RGB")
     env = {"PIGGYBACK_CACHE_BUDGET_MB": str(args.cache_mb), "PIGGYBACK_KERNEL": args.kernel,
-           "PIGGYBACK_DEVICE": args.device}  # fmt: skip
+           "PIGGYBACK_DEVICE": args.device, "PIGGYBACK_TORCH_THREADS": str(threads)}  # fmt: skip
     with running_server(args.backbone, args.weights, env) as (server, base, weights):
         register_ms = register_tasks(base, args.backbone, weights, names, args.image_size, image)
         # raw forwards at full priority while the server idles (its weights file lives only as long as it does)
@@ -227,7 +230,7 @@ def main() -> int:
         }
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; backbone {args.backbone} at "
+        f"torch {torch.__version__}, {threads} threads (server and raw forward); backbone {args.backbone} at "
         f"{args.image_size}px; cache {args.cache_mb} MB, kernel {args.kernel}, concurrency {args.concurrency}, "
         f"{args.seconds}s per run; client at nice 10 in the same VM"
     )

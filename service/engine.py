@@ -70,6 +70,8 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.device = torch.device(settings.resolved_device())
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # process-wide: this process serves one backbone
         self.dtype = DTYPES[settings.dtype]
         backbone = build_backbone(settings.backbone, settings.weights)
         self.layout = BackboneLayout.from_model(settings.backbone, backbone)  # fingerprint of the fp32 weights
@@ -90,10 +92,11 @@ class Engine:
         self._forward_lock = threading.Lock()  # a forward displaces module tensors: one forward at a time
         self._sync_lock = threading.Lock()
         log.info(
-            "backbone %s on %s (%s), %d masked weights, fingerprint %s, mask kernel %s",
+            "backbone %s on %s (%s, %d threads), %d masked weights, fingerprint %s, mask kernel %s",
             settings.backbone,
             self.device,
             settings.dtype,
+            torch.get_num_threads(),
             self.layout.total,
             self.layout.fingerprint[:12],
             self.kernel_name,

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="backbone dtype on device")
     kernel: Literal["auto", "torch", "cpu", "triton"] = Field("auto", description="mask-apply implementation")
     cache_budget_mb: float = Field(1024, ge=0, description="materialized task weights kept; 0 = apply per request")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads per forward; 0 = torch's default (OMP_NUM_THREADS, else every core)"
+    )
     max_batch_size: int = Field(32, ge=1, description="images per forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for batch-mates")
     max_concurrent_predictions: int = Field(
