@@ -45,8 +45,11 @@ def preprocess_for(size: int) -> Preprocess:
 
 
 @contextlib.contextmanager
-def running_server(backbone: str, weights: str | None, extra_env: dict[str, str]):
-    """`python -m service` on a free port with an empty temporary store; yields (process, base URL)."""
+def running_server(backbone: str, weights: str | None, extra_env: dict[str, str], cpus: set[int] | None = None):
+    """`python -m service` on a free port with an empty temporary store; yields (process, base URL).
+
+    `cpus`: the cores the server may run on (all of its threads), so a load client can have the others.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if weights is None:  # random init, saved so the server builds the very same backbone
             torch.manual_seed(0)
@@ -63,7 +66,8 @@ def running_server(backbone: str, weights: str | None, extra_env: dict[str, str]
             "PIGGYBACK_LOG_LEVEL": "warning",
             **extra_env,
         }
-        server = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        server = subprocess.Popen([sys.executable, "-m", "service"], env=env, preexec_fn=pin)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base, timeout=600, process=server)

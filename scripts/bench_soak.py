@@ -4,9 +4,12 @@ Starts `python -m service` (default mobilenet_v2, random init: fine for speed, a
 one task, measures its capacity closed-loop (8 clients), then offers `--overload` x that rate
 open-loop (a request every 1/rate seconds, whatever the answers) for `--seconds`. Reports
 goodput vs capacity, the share of 503s, p50/p99 of accepted requests, every other outcome, and
-the server's resident memory at start, peak and end. The client runs at nice 10.
+the server's resident memory at start, peak and end. The client runs at nice 10, or, with `--pin`,
+on a core of its own: the server (one forward thread) gets core 0 and the client core 1, so time
+the client spends waiting for a CPU does not show up as server latency.
 
     .venv/bin/python scripts/bench_soak.py --seconds 60
+    .venv/bin/python scripts/bench_soak.py --seconds 60 --pin
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ async def open_loop(base: str, task: str, rate: float, seconds: float, image: by
     peak = rss_mb(pid)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
 
+    url = f"{base}/tasks/{task}/predict"
+    upload = httpx.Request("POST", url, files=[("images", ("i.png", image, "image/png"))])
+    body, content_type = upload.read(), upload.headers["content-type"]  # encoded once: the client stays cheap
+
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
 
         async def one() -> None:
             started = time.perf_counter()
             try:
-                r = await http.post(f"{base}/tasks/{task}/predict", files=[("images", ("i.png", image, "image/png"))])
+                r = await http.post(url, content=body, headers={"content-type": content_type})
             except httpx.HTTPError as exc:
                 outcomes[type(exc).__name__] += 1
                 return
@@ -86,13 +93,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--overload", type=float, default=4.0, help="offered rate as a multiple of capacity")
     parser.add_argument("--request-timeout", type=float, default=5.0, help="PIGGYBACK_REQUEST_TIMEOUT_S")
+    parser.add_argument("--pin", action="store_true", help="server on core 0 (1 forward thread), client on core 1")
     args = parser.parse_args()
 
     image = png_bytes(seed=0, size=args.image_size, mode="L" if args.image_size < 64 else "RGB")
     env = {"PIGGYBACK_REQUEST_TIMEOUT_S": str(args.request_timeout)}
-    with running_server(args.backbone, args.weights, env) as (server, base, weights):
+    if args.pin:
+        env["PIGGYBACK_TORCH_THREADS"] = "1"
+    with running_server(args.backbone, args.weights, env, cpus={0} if args.pin else None) as (server, base, weights):
         register_tasks(base, args.backbone, weights, ["soak"], args.image_size, image)
-        os.nice(10)  # this process is only the load client from here on
+        if args.pin:
+            os.sched_setaffinity(0, {1})  # this process is only the load client from here on, on its own core
+        else:
+            os.nice(10)
         asyncio.run(drive(base, ["soak"], 8, 3, image))  # warm-up
         capacity = asyncio.run(drive(base, ["soak"], 8, 10, image))["rps"]
         start_mb = rss_mb(server.pid)
@@ -105,7 +118,8 @@ def main() -> int:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, {platform.machine()}; backbone {args.backbone} "
         f"(random init) at {args.image_size}px; default batching and queue bound; "
-        f"PIGGYBACK_REQUEST_TIMEOUT_S={args.request_timeout}; client at nice 10 in the same VM"
+        f"PIGGYBACK_REQUEST_TIMEOUT_S={args.request_timeout}; "
+        + ("server on core 0, client on core 1" if args.pin else "client at nice 10 in the same VM")
     )
     print(f"capacity (closed loop, 8 clients, 10 s): {capacity:.1f} req/s")
     print(f"offered: {args.overload:.1f}x = {args.overload * capacity:.1f} req/s for {args.seconds:.0f} s "
