@@ -1,8 +1,8 @@
 """Run a module with some of its parameters and buffers replaced, for one forward, cheaply.
 
 `torch.func.functional_call` does the same, but its generic machinery (name resolution, tied-weight
-checks, setattr per tensor) cost about 6 ms per call on mobilenet_v2's 314 tensors on the 2-core
-VM, a fifth of a 224-px single-image forward (docs/benchmarks.md). Here every name is resolved once,
+checks, setattr per tensor) cost about 3 ms per call on mobilenet_v2's 314 tensors on the 2-core
+VM, a tenth of a 224-px single-image forward (docs/benchmarks.md). Here every name is resolved once,
 to the module dict that holds it; a swap is then a dict store per tensor, undone in `finally`.
 The module's own tensors are never written, only displaced while the forward runs, so callers must
 serialise forwards (the engine's `_forward_lock`).
