@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -66,3 +67,23 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 AdminDep = Depends(_bearer)
 DeadlineDep = Annotated[Deadline, Depends(get_deadline)]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Everything a prediction route needs, whichever front door: one dependency instead of five."""
+
+    engine: Engine
+    batcher: Batcher
+    settings: Settings
+    metrics: Metrics
+    deadline: Deadline
+
+
+def get_prediction(
+    engine: EngineDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep, deadline: DeadlineDep
+) -> Prediction:
+    return Prediction(engine, batcher, settings, metrics, deadline)
+
+
+PredictionDep = Annotated[Prediction, Depends(get_prediction)]

@@ -8,7 +8,7 @@ import torch
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import BatcherDep, DeadlineDep, EngineDep, MetricsDep, SettingsDep
+from service.deps import EngineDep, PredictionDep
 from service.errors import PayloadTooLarge
 from service.images import images_to_batch
 from service.prediction_metrics import observed_prediction
@@ -58,20 +58,17 @@ def _predictions(probabilities: torch.Tensor, labels: tuple[str, ...], top_k: in
 async def predict(
     name: str,
     images: Annotated[list[UploadFile], File(description="one or more image files")],
-    engine: EngineDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    deadline: DeadlineDep,
+    prediction: PredictionDep,
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
 ) -> PredictResponse:
-    with observed_prediction(metrics, name) as record:
-        task = engine.task(name)  # the request keeps this version even if it is replaced or removed meanwhile
+    batcher, settings = prediction.batcher, prediction.settings
+    with observed_prediction(prediction.metrics, name) as record:
+        task = prediction.engine.task(name)  # this version serves the request even if replaced or removed meanwhile
         record.task_known = True
         blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
         with batcher.admission(len(blobs)):  # refused before a decode is spent on it; decodes count as queued
             batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
-        probabilities = await batcher.predict(task, batch, deadline)
+        probabilities = await batcher.predict(task, batch, prediction.deadline)
         return PredictResponse(
             task=task.manifest.task,
             version=task.manifest.version,

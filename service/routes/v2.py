@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store import TaskNotFound
-from service.deps import BatcherDep, DeadlineDep, EngineDep, MetricsDep, SettingsDep
+from service.deps import EngineDep, Prediction, PredictionDep
 from service.engine import Engine, LoadedTask
 from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
 from service.images import images_to_batch
@@ -200,10 +200,9 @@ def _outputs(request_outputs, default_binary: bool, probabilities: torch.Tensor,
     return outputs
 
 
-async def _infer(
-    name: str, version: str | None, request: Request, engine, batcher, settings, metrics, deadline
-) -> Response:
-    with observed_prediction(metrics, name) as record:
+async def _infer(name: str, version: str | None, request: Request, prediction: Prediction) -> Response:
+    engine, batcher, settings = prediction.engine, prediction.batcher, prediction.settings
+    with observed_prediction(prediction.metrics, name) as record:
         task = _model(engine, name, version)  # the request keeps this version even if it is replaced meanwhile
         record.task_known = True
         encoding = request.headers.get("content-encoding", "identity").lower()
@@ -222,7 +221,7 @@ async def _infer(
             batcher.check_admission(len(batch))
         else:
             raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
-        probabilities = await batcher.predict(task, batch, deadline)
+        probabilities = await batcher.predict(task, batch, prediction.deadline)
         outputs = _outputs(parsed.outputs, parsed.default_binary, probabilities, task.manifest.labels)
         response = {"model_name": task.manifest.task, "model_version": str(task.manifest.version)}
         if parsed.id is not None:
@@ -250,27 +249,10 @@ INFER_BODY = {
 
 
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
-async def infer(
-    name: str,
-    request: Request,
-    engine: EngineDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    deadline: DeadlineDep,
-) -> Response:
-    return await _infer(name, None, request, engine, batcher, settings, metrics, deadline)
+async def infer(name: str, request: Request, prediction: PredictionDep) -> Response:
+    return await _infer(name, None, request, prediction)
 
 
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
-async def infer_version(
-    name: str,
-    version: str,
-    request: Request,
-    engine: EngineDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    deadline: DeadlineDep,
-) -> Response:
-    return await _infer(name, version, request, engine, batcher, settings, metrics, deadline)
+async def infer_version(name: str, version: str, request: Request, prediction: PredictionDep) -> Response:
+    return await _infer(name, version, request, prediction)
