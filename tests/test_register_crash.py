@@ -4,6 +4,7 @@ the new version, complete, and a service that starts."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
@@ -70,12 +71,23 @@ def _with_version(data: bytes, version: int) -> bytes:
     return edit_manifest(data, lambda manifest: manifest.update(version=version))
 
 
-def _timed_put(root, upload) -> float:
+@contextlib.contextmanager
+def _writer(root, upload):
+    """The WRITER script storing `upload`; killed on the way out, whatever the test asserted meanwhile."""
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(upload)], stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "writing"
-    started = time.monotonic()
-    assert writer.stdout.readline().strip() == "done"
-    writer.wait()
+    try:
+        yield writer
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def _timed_put(root, upload) -> float:
+    with _writer(root, upload) as writer:
+        assert writer.stdout.readline().strip() == "writing"
+        started = time.monotonic()
+        assert writer.stdout.readline().strip() == "done"
+        writer.wait()
     return time.monotonic() - started
 
 
@@ -97,13 +109,9 @@ def test_sigkill_at_random_moments_while_storing_a_vgg16_artifact(tmp_path):
     for trial in range(10):
         version = trial + 3
         upload.write_bytes(_with_version(data, version))
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(root), str(upload)], stdout=subprocess.PIPE, text=True
-        )
-        assert writer.stdout.readline().strip() == "writing"  # imports done: the put itself is under way
-        time.sleep(rng.uniform(0.0, 1.3 * duration))  # before, during or after the publish
-        writer.kill()
-        writer.wait()
+        with _writer(root, upload) as writer:
+            assert writer.stdout.readline().strip() == "writing"  # imports done: the put itself is under way
+            time.sleep(rng.uniform(0.0, 1.3 * duration))  # before, during or after the publish; then killed
         store = TaskStore(root)
         live = store.get("big")  # the live version loads completely: every checksum holds
         assert live.manifest.version in (version - 1, version)
