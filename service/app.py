@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from service.admin_auth import AdminAuth
 from service.batcher import Batcher
+from service.body_deadline import BodyDeadline
 from service.deadlines import StampArrival
 from service.drain import Drain
 from service.engine import Engine
@@ -95,21 +96,43 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(v2.router)
-    app.add_middleware(StampArrival)
-    # Outermost last: request id and JSON 500s around everything, then the cap on predictions in flight
-    # and the admin token (headers only), then the body size limit: an unauthenticated or shed client
-    # uploads nothing.
-    app.add_middleware(
-        BodySizeLimit,
-        limits={"/admin/": settings.max_artifact_bytes + 1024 * 1024},
-        default=settings.max_request_bytes,  # /v2 infer bodies too: the same bound as a multipart predict
-        error_keys={"/v2/": "error"},
-    )
-    app.add_middleware(AdminAuth, token=settings.admin_token)
-    app.add_middleware(
-        PredictionLimit, limit=settings.max_concurrent_predictions, max_body_bytes=settings.max_request_bytes
-    )
-    app.add_middleware(RequestContext)
     app.state.replica = replica_name(settings.replica_id)
-    app.add_middleware(ReplicaHeader, replica=app.state.replica)  # outermost: even a 500 names its replica
+    _install_middleware(app, settings)
     return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    """The ASGI middleware, outermost first. Why this order:
+
+    1. `ReplicaHeader`: even a 500 names the replica that answered.
+    2. `RequestContext`: request id, and a JSON 500 for anything the layers below raise.
+    3. `StampArrival`: a request's deadline and body bound count from here, before any work.
+    4. `BodyDeadline`: a body trickling in is cut off (408/504), whoever reads it below.
+    5. `PredictionLimit`: shed at the door from the headers; a slot is held once the body is complete.
+    6. `AdminAuth`: the admin token, from the headers: an unauthenticated client uploads nothing.
+    7. `BodySizeLimit`: Content-Length checked up front, streamed bytes counted as they arrive.
+    """
+    outermost_first = [
+        (ReplicaHeader, {"replica": app.state.replica}),
+        (RequestContext, {}),
+        (StampArrival, {}),
+        (BodyDeadline, {"body_timeout_s": settings.body_timeout_s, "request_timeout_s": settings.request_timeout_s}),
+        (
+            PredictionLimit,
+            {
+                "limit": settings.max_concurrent_predictions,
+                "max_body_bytes": settings.max_request_bytes,
+                "max_receiving": 2 * settings.max_concurrent_predictions,
+            },
+        ),
+        (AdminAuth, {"token": settings.admin_token}),
+        (
+            BodySizeLimit,
+            {
+                "limits": {"/admin/": settings.max_artifact_bytes + 1024 * 1024},
+                "default": settings.max_request_bytes,  # /v2 infer bodies too: the same bound as a multipart predict
+            },
+        ),
+    ]
+    for middleware, options in reversed(outermost_first):  # Starlette wraps each new one around the rest
+        app.add_middleware(middleware, **options)

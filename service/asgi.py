@@ -33,3 +33,62 @@ async def send_json_error(send, status: int, detail: str, headers=(), close: boo
         response_headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": response_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def error_key_for(path: str) -> str:
+    """The JSON key of an error message on `path`: the Open Inference Protocol's "error", else "detail"."""
+    return "error" if path.startswith("/v2/") or path == "/v2" else "detail"
+
+
+class RefusedMidBody(Exception):
+    """Raised from a wrapped `receive` to stop a request while (or once) its body arrives.
+
+    `close`: the rest of the body is left unread, so the connection is closed after the answer.
+    """
+
+    def __init__(self, status: int, detail: str, kind: str, headers=(), close: bool = True) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.kind, self.headers, self.close = status, detail, kind, list(headers), close
+
+    async def answer(self, scope, send) -> None:
+        count_error(scope, self.kind)
+        key = error_key_for(scope["path"])
+        await send_json_error(send, self.status, self.detail, self.headers, close=self.close, key=key)
+
+
+async def run_refusing_mid_body(app, scope, receive, send) -> None:
+    """Run `app` with a `receive` that may raise `RefusedMidBody`.
+
+    Whatever the app makes of the cut-off read (FastAPI's form parsing answers 400 "error parsing the
+    body", a route a 500) is replaced by the refusal, sent once, as long as no answer had begun.
+    """
+    refusal: RefusedMidBody | None = None
+    started = False
+
+    async def watched_receive():
+        nonlocal refusal
+        try:
+            return await receive()
+        except RefusedMidBody as exc:
+            if not started and refusal is None:
+                refusal = exc
+            raise
+
+    async def guarded_send(message):
+        nonlocal started
+        if refusal is not None:
+            if not started:
+                started = True
+                await refusal.answer(scope, send)
+            return
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, watched_receive, guarded_send)
+    except RefusedMidBody:
+        if refusal is None:  # refused after the answer began: too late, the server drops the connection
+            raise
+    if refusal is not None and not started:
+        started = True
+        await refusal.answer(scope, send)

@@ -2,8 +2,9 @@
 
 On SIGTERM: `/readyz` answers 503 at once and new predictions get 503 + Retry-After, while the
 listener stays open (a load balancer still routing here gets an answer, not a refused
-connection); predictions already admitted finish, for at most `PIGGYBACK_DRAIN_S`; then uvicorn
-shuts down as usual and the process exits 0. A second SIGTERM, or SIGINT, exits without waiting.
+connection); predictions already admitted finish, and uvicorn closes the connections, all within
+`PIGGYBACK_DRAIN_S` whatever clients do (requests unfinished by then are cancelled); the process
+exits 0. A second SIGTERM, or SIGINT, exits without waiting.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 log = logging.getLogger("piggyback.service")
+MIN_SHUTDOWN_S = 0.1  # for connections whose answer is being written as the drain ends
 
 
 class DrainingServer(uvicorn.Server):
@@ -44,6 +47,10 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         log.info("SIGTERM: draining for at most %.1f s", self.drain_s)
         drain = self.app.state.drain
+        ends = time.monotonic() + self.drain_s
         if not await drain.wait_idle(self.drain_s):
             log.warning("drain time (%.1f s) over with %d predictions unfinished", self.drain_s, drain.inflight)
+        # uvicorn then waits for every open connection, a client trickling its body included, unless
+        # bounded: what is left of the drain time, after which unfinished requests are cancelled.
+        self.config.timeout_graceful_shutdown = max(ends - time.monotonic(), MIN_SHUTDOWN_S)
         self.should_exit = True

@@ -18,7 +18,11 @@ class Settings(BaseSettings):
     weights: str | None = Field(None, description="backbone state_dict file, or a torchvision weights name")
     store: str = Field(".cache/demo/store", description="task store: a directory or s3://bucket/prefix")
     store_poll_s: float = Field(
-        1.0, gt=0, description="how often the store is checked for changes made by other replicas (seconds)"
+        1.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="how often the store is checked for changes made by other replicas (seconds)",
     )
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin; unset disables admin")
     host: str = "127.0.0.1"
@@ -39,9 +43,21 @@ class Settings(BaseSettings):
         None, ge=1, description="images waiting for the engine before new ones get 503; unset = 4 x max_batch_size"
     )
     request_timeout_s: float = Field(
-        30.0, gt=0, description="deadline of a prediction; a client may ask for less with X-Request-Timeout"
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="deadline of a prediction; a client may ask for less with X-Request-Timeout",
     )
-    drain_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and in-flight predictions may finish")
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how long a request body may take to arrive, from the request's arrival; past it 408 "
+        "(authenticated /admin uploads excepted)",
+    )
+    drain_s: float = Field(
+        30.0, ge=0, allow_inf_nan=False, description="on SIGTERM, how long queued and in-flight predictions may finish"
+    )
     max_images_per_request: int = Field(16, ge=1)
     max_image_bytes: int = Field(8 * MIB, ge=1)
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard (width * height)")
@@ -51,6 +67,9 @@ class Settings(BaseSettings):
     # Ray Serve only (`service/ray_serve.py`); `python -m service` ignores them.
     ray_max_ongoing_requests: int = Field(8, ge=1, description="requests one replica works on at once")
     ray_max_queued_requests: int = Field(64, ge=1, description="requests waiting for a replica; beyond: 503")
+    ray_router_max_inflight: int = Field(
+        256, ge=1, description="requests the Ray router holds at once (bodies included); beyond: 503 from the headers"
+    )
     ray_tasks_per_replica: int = Field(20, ge=1, description="tasks a replica keeps hot for task routing")
     ray_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each model replica")
     log_level: str = "info"

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.errors import BadRequest
+from service.errors import BadRequest, PayloadTooLarge
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also takes "²" and other non-ASCII digits
 _END = object()
 NUMPY_DTYPES = {"FP32": np.dtype("<f4")}  # the only numeric datatype our models take or give
 
@@ -155,13 +157,19 @@ def _shape(value: Any, what: str) -> list[int]:
     return value
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Split the body (JSON, or JSON + binary tensors), validate its structure, and attach each input's data."""
+def parse_infer_request(body: bytes, header_length: str | None, max_values: int) -> InferRequest:
+    """Split the body (JSON, or JSON + binary tensors), validate its structure, and attach each input's data.
+
+    `max_values` bounds the JSON values the request may hold (all inputs' elements, with room for the
+    rest): it is checked on the raw text before parsing, since parsed JSON takes ten times or more the
+    memory of its text.
+    """
     binary = b""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        if not ASCII_DIGITS.fullmatch(header_length.strip()) or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} must be an integer no larger than the body ({len(body)} bytes)")
         body, binary = body[: int(header_length)], body[int(header_length) :]
+    _check_value_count(body, max_values)
     try:
         request = _object(json.loads(body), "the inference request")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -199,10 +207,30 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(request["outputs"], list):
             raise BadRequest("'outputs' must be a list")
         outputs = [_requested_output(raw, f"outputs[{i}]", default_binary) for i, raw in enumerate(request["outputs"])]
+        _check_distinct(outputs)
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
     return InferRequest(id=request_id, inputs=inputs, outputs=outputs, default_binary=default_binary)
+
+
+def _check_value_count(json_text: bytes, max_values: int) -> None:
+    """Every JSON value after the first is preceded by a comma: counting them (outside strings too, an
+    over-count) is a cheap upper bound on what parsing would build, taken before any of it is built."""
+    commas = json_text.count(b",")
+    if commas >= max_values:
+        raise PayloadTooLarge(
+            f"the inference request holds more than {max_values} JSON values; no input of this model needs "
+            "that many (send fewer images, or tensors in the binary form)"
+        )
+
+
+def _check_distinct(outputs: list[RequestedOutput]) -> None:
+    seen = set()
+    for output in outputs:
+        if output.name in seen:
+            raise BadRequest(f"output {output.name!r} requested more than once; name each output at most once")
+        seen.add(output.name)
 
 
 def _requested_output(raw: Any, what: str, default_binary: bool) -> RequestedOutput:

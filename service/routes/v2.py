@@ -29,11 +29,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store import TaskNotFound
+from service.asgi import RefusedMidBody
 from service.deps import EngineDep, Prediction, PredictionDep
 from service.engine import Engine, LoadedTask
 from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
 from service.images import images_to_batch
-from service.limits import BodyTooLarge
 from service.prediction_metrics import observed_prediction
 from service.v2_wire import HEADER_LENGTH, InputTensor, OutputTensor, encode_infer_response, parse_infer_request
 
@@ -43,6 +43,7 @@ IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
+JSON_VALUES_BESIDE_DATA = 1024  # names, shapes, parameters: a request's JSON values other than its tensor data
 
 
 class UnsupportedEncoding(BadRequest):
@@ -75,8 +76,8 @@ class V2Route(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except BodyTooLarge:
-                raise  # BodySizeLimit answers it, in this protocol's shape too
+            except RefusedMidBody:
+                raise  # the middleware that refused the body answers it, in this protocol's shape too
             except Exception as exc:
                 return protocol_error(request, exc)
 
@@ -208,16 +209,23 @@ async def _infer(name: str, version: str | None, request: Request, prediction: P
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; send the request uncompressed")
-        parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        size = task.manifest.preprocess.size
+        max_values = settings.max_images_per_request * 3 * size * size + JSON_VALUES_BESIDE_DATA
+        # Parsing and encoding a body of many MB take seconds of CPU: in a thread, so the event loop
+        # (health checks, other clients) never waits on them.
+        body = await request.body()
+        parsed = await run_in_threadpool(parse_infer_request, body, request.headers.get(HEADER_LENGTH), max_values)
         if len(parsed.inputs) != 1:
             raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {TENSOR_INPUT!r}; got {len(parsed.inputs)}")
         tensor = parsed.inputs[0]
         if tensor.name == IMAGE_INPUT:
-            blobs = _image_blobs(tensor, settings.max_images_per_request, settings.max_image_bytes)
+            blobs = await run_in_threadpool(
+                _image_blobs, tensor, settings.max_images_per_request, settings.max_image_bytes
+            )
             with batcher.admission(len(blobs)):  # the same queue bound as /tasks/{name}/predict
                 batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
         elif tensor.name == TENSOR_INPUT:
-            batch = _tensor_batch(tensor, task.manifest.preprocess.size, settings.max_images_per_request)
+            batch = await run_in_threadpool(_tensor_batch, tensor, size, settings.max_images_per_request)
             batcher.check_admission(len(batch))
         else:
             raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
@@ -226,7 +234,7 @@ async def _infer(name: str, version: str | None, request: Request, prediction: P
         response = {"model_name": task.manifest.task, "model_version": str(task.manifest.version)}
         if parsed.id is not None:
             response["id"] = parsed.id
-        body, headers = encode_infer_response(response, outputs)
+        body, headers = await run_in_threadpool(encode_infer_response, response, outputs)
         return Response(body, headers=headers)
 
 
