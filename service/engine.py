@@ -280,15 +280,12 @@ class Engine:
         The cache is keyed by the artifact's identity, and only a task that is still live is admitted:
         a batch that finishes after its task was replaced or removed cannot put stale weights back.
         """
-        if not use_cache:
-            return self._apply_masks(task, self._scratch_buffer())
-        nbytes = self.flat_weights.numel() * self.flat_weights.element_size()
-
-        def apply() -> torch.Tensor:
-            out = torch.empty_like(self.flat_weights) if self.cache.will_keep(nbytes) else self._scratch_buffer()
-            return self._apply_masks(task, out)
-
-        return self.cache.get_or_create(task.identity, apply, admit=lambda: self.is_current(task))
+        if use_cache:
+            fill = lambda out: self._apply_masks(task, out)  # noqa: E731
+            cached = self.cache.get_or_fill(task.identity, self.flat_weights, fill, admit=lambda: self.is_current(task))
+            if cached is not None:
+                return cached
+        return self._apply_masks(task, self._scratch_buffer())
 
     def task_parameters(self, task: LoadedTask, use_cache: bool = True) -> dict[str, torch.Tensor]:
         """Every tensor the task substitutes: masked weights (views into its buffer), head, BN, fine-tuned."""

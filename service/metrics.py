@@ -50,7 +50,10 @@ class Metrics:
         self.registered_tasks = Gauge("piggyback_registered_tasks", "Tasks currently registered", registry=r)
         self.errors = Counter("piggyback_errors", "Client and server errors by kind", ["kind"], registry=r)
         self.cache_events = Counter(
-            "piggyback_task_cache_events", "Task weight cache hits, misses and evictions", ["event"], registry=r
+            "piggyback_task_cache_events",
+            "Task weight cache hits, misses, evictions and pool buffer allocations",
+            ["event"],
+            registry=r,
         )
         # overload and deadlines: proof that refused, expired and abandoned work never reaches a forward
         self.rejected = Counter(

@@ -11,27 +11,49 @@ from service.metrics import Metrics
 from tests.conftest import random_task_artifact, server_settings
 from tests.reference_model import dedicated_network
 
+LIKE = torch.empty(100)  # every buffer has the backbone's flat-weight size: here 100 floats, 400 bytes
+
+
+def filler(value: float):
+    return lambda out: out.fill_(value)
+
 
 def test_lru_evicts_least_recently_used_within_budget():
     events = []
-    cache = TaskWeightCache(budget_bytes=2 * 400, on_event=events.append)  # room for two 100-float buffers
-    make = lambda value: lambda: torch.full((100,), float(value))  # noqa: E731
-    cache.get_or_create("a", make(1))
-    cache.get_or_create("b", make(2))
-    assert cache.get_or_create("a", make(9))[0] == 1  # hit: "a" is now the most recent
-    cache.get_or_create("c", make(3))  # evicts "b"
+    cache = TaskWeightCache(budget_bytes=2 * 400, on_event=events.append)  # room for two buffers
+    cache.get_or_fill("a", LIKE, filler(1))
+    cache.get_or_fill("b", LIKE, filler(2))
+    assert cache.get_or_fill("a", LIKE, filler(9))[0] == 1  # hit: "a" is now the most recent
+    assert cache.get_or_fill("c", LIKE, filler(3))[0] == 3  # evicts "b"
     assert "a" in cache and "c" in cache and "b" not in cache
-    assert events == ["miss", "miss", "hit", "miss", "evict"]
+    assert events == ["miss", "allocate", "miss", "allocate", "hit", "miss", "evict"]
     assert cache.used_bytes == 800
     cache.discard(lambda key: key == "a")
     assert "a" not in cache
+
+
+def test_misses_reuse_the_pool_and_never_allocate_past_the_budget():
+    cache = TaskWeightCache(budget_bytes=3 * 400 + 399)  # three buffers fit, a fourth does not
+    buffers = {id(cache.get_or_fill(key, LIKE, filler(key))) for key in range(50)}
+    assert cache.allocated == 3 and len(buffers) == 3
+    assert [cache.get_or_fill(key, LIKE, filler(-1))[0] for key in (47, 48, 49)] == [47, 48, 49]
+    cache.discard(lambda key: key == 48)  # a freed buffer is reused before any eviction
+    assert cache.get_or_fill("new", LIKE, filler(7))[0] == 7
+    assert 47 in cache and 49 in cache and cache.allocated == 3
+
+
+def test_a_buffer_not_admitted_goes_back_to_the_pool():
+    cache = TaskWeightCache(budget_bytes=400)
+    assert cache.get_or_fill("retired", LIKE, filler(5), admit=lambda: False)[0] == 5
+    assert "retired" not in cache
+    assert cache.get_or_fill("live", LIKE, filler(6))[0] == 6 and cache.allocated == 1
 
 
 def test_zero_budget_applies_every_time():
     events = []
     cache = TaskWeightCache(budget_bytes=0, on_event=events.append)
     for _ in range(3):
-        cache.get_or_create("a", lambda: torch.ones(10))
+        assert cache.get_or_fill("a", LIKE, filler(1)) is None  # the engine applies into scratch memory
     assert events == ["miss"] * 3 and cache.used_bytes == 0
 
 
