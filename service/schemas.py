@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from mask_store.artifact import artifact_identity
 from mask_store.manifest import Manifest, Preprocess
 
 
@@ -34,6 +35,9 @@ class TaskInfo(BaseModel):
     name: str
     status: Literal["serving"] = "serving"
     version: int
+    identity: str = Field(
+        description="sha256 of the artifact's manifest, which binds every tensor: same identity, same task"
+    )
     labels: list[str]
     num_classes: int
     backbone: BackboneInfo
@@ -51,6 +55,7 @@ class TaskInfo(BaseModel):
         return cls(
             name=manifest.task,
             version=manifest.version,
+            identity=artifact_identity(manifest),
             labels=list(manifest.labels),
             num_classes=len(manifest.labels),
             backbone=BackboneInfo(arch=manifest.backbone.arch, fingerprint=manifest.backbone.fingerprint),

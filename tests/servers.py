@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -128,3 +131,37 @@ def wait_until(condition, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(0.02)
+
+
+def start_service(store, weights, **settings: str) -> tuple[subprocess.Popen, int]:
+    """`python -m service` on a resnet18 (unless `backbone=` says otherwise), configured by `settings`
+    (lowercase PIGGYBACK_* names); returns once ready. The caller stops it (`stop_process`)."""
+    from tests.conftest import ADMIN_TOKEN
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PIGGYBACK_BACKBONE": "resnet18",
+        "PIGGYBACK_WEIGHTS": str(weights),
+        "PIGGYBACK_STORE": str(store),
+        "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "PIGGYBACK_HOST": "127.0.0.1",
+        "PIGGYBACK_PORT": str(port),
+        "PIGGYBACK_DEVICE": "cpu",
+        "PIGGYBACK_LOG_LEVEL": "warning",
+        **{f"PIGGYBACK_{name.upper()}": value for name, value in settings.items()},
+    }
+    process = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process=process)
+    except BaseException:
+        stop_process(process, grace_s=5)
+        raise
+    return process, port
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now, as the kernel counts it."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from mask_store import Preprocess, TaskStore, artifact_bytes
 from service.settings import Settings
-from tests.conftest import ADMIN_TOKEN, random_task_artifact
-from tests.servers import free_port, png_bytes, stop_process, wait_ready
+from tests.conftest import random_task_artifact
+from tests.servers import png_bytes, rss_mb, start_service, stop_process
 
 PX32 = Preprocess(size=32, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
 BODY_TIMEOUT_S = 4
@@ -71,26 +71,6 @@ class Trickler:
         self.sock.close()
 
 
-def start_server(store, backbone_file, **settings: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PIGGYBACK_BACKBONE": "resnet18",
-        "PIGGYBACK_WEIGHTS": str(backbone_file),
-        "PIGGYBACK_STORE": str(store),
-        "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
-        "PIGGYBACK_HOST": "127.0.0.1",
-        "PIGGYBACK_PORT": str(port),
-        "PIGGYBACK_DEVICE": "cpu",
-        "PIGGYBACK_LOG_LEVEL": "warning",
-        "PIGGYBACK_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-        **{f"PIGGYBACK_{name.upper()}": value for name, value in settings.items()},
-    }
-    process = subprocess.Popen([sys.executable, "-m", "service"], env=env)
-    wait_ready(f"http://127.0.0.1:{port}", process=process)
-    return process, port
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, resnet18):
     path = tmp_path_factory.mktemp("store")
@@ -101,7 +81,7 @@ def store(tmp_path_factory, resnet18):
 @pytest.fixture(scope="module")
 def server(store, backbone_file):
     """The defaults a deployment has (a cap of 64 predictions), with a short body bound for the test."""
-    process, port = start_server(store, backbone_file)
+    process, port = start_service(store, backbone_file, body_timeout_s=str(BODY_TIMEOUT_S))
     try:
         yield process, port
     finally:
@@ -111,12 +91,6 @@ def server(store, backbone_file):
 def predict(port: int, timeout: float = 30) -> httpx.Response:
     files = [("images", ("a.png", png_bytes(seed=1, size=32), "image/png"))]
     return httpx.post(f"http://127.0.0.1:{port}/tasks/alpha/predict", files=files, timeout=timeout)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
 
 
 class HealthProbe:
@@ -223,7 +197,7 @@ def test_a_non_ascii_digit_in_the_binary_header_length_is_a_400(server):
 
 @pytest.mark.slow  # its own server process with a cap of 2: about 10 s
 def test_two_slow_uploads_neither_hold_the_only_two_slots_nor_outlive_their_deadline(store, backbone_file):
-    process, port = start_server(
+    process, port = start_service(
         store, backbone_file, max_concurrent_predictions="2", request_timeout_s="3", body_timeout_s="30"
     )
     try:
@@ -244,7 +218,7 @@ def test_two_slow_uploads_neither_hold_the_only_two_slots_nor_outlive_their_dead
 @pytest.mark.slow  # its own server process: about 10 s
 def test_sigterm_with_a_trickling_client_exits_0_within_the_drain_time(store, backbone_file):
     drain_s = 3
-    process, port = start_server(store, backbone_file, drain_s=str(drain_s), body_timeout_s="60")
+    process, port = start_service(store, backbone_file, drain_s=str(drain_s), body_timeout_s="60")
     slow = Trickler(port)
     try:
         slow.trickle()

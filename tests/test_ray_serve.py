@@ -2,16 +2,21 @@
 
 One cluster for the module: `ray start --head` + `ray start --address` (one CPU each, so the two
 replicas land one per node), `serve deploy` of docker/ray-serve.yaml with this test's settings, and
-`ray stop` at the end whatever happens. Tests run in file order: the kill test comes last.
+`ray stop` at the end whatever happens. Tests run in file order: the kill test and the shutdown come last.
+The router's refusals are checked with raw sockets, so a test sees the answer arrive while the body
+has not been (fully) sent.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +38,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 REPLICA = "x-piggyback-replica"
+ROUTER_MAX_INFLIGHT = 8
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
 def _run(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -71,8 +78,8 @@ def store(tmp_path_factory, resnet18):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, store, backbone_file):
-    """Two Ray nodes on 127.0.0.1 with token auth, the Serve app deployed with 2 replicas; yields the proxy URL."""
+def ray_env() -> dict:
+    """The environment and ports of the module's cluster: what a driver needs to join it."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -80,7 +87,13 @@ def cluster(tmp_path_factory, store, backbone_file):
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    gcs, dashboard, proxy = free_port(), free_port(), free_port()
+    return {"env": env, "gcs": free_port(), "dashboard": free_port(), "proxy": free_port()}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, store, backbone_file, ray_env):
+    """Two Ray nodes on 127.0.0.1 with token auth, the Serve app deployed with 2 replicas; yields the proxy URL."""
+    env, gcs, dashboard, proxy = ray_env["env"], ray_env["gcs"], ray_env["dashboard"], ray_env["proxy"]
     config = yaml.safe_load((ROOT / "docker" / "ray-serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": proxy}
     application = config["applications"][0]
@@ -92,6 +105,8 @@ def cluster(tmp_path_factory, store, backbone_file):
         PIGGYBACK_MAX_BATCH_DELAY_MS="2",
         PIGGYBACK_RAY_MAX_ONGOING_REQUESTS="2",  # small bounds, so the overload test can fill them
         PIGGYBACK_RAY_MAX_QUEUED_REQUESTS="2",
+        PIGGYBACK_RAY_ROUTER_MAX_INFLIGHT=str(ROUTER_MAX_INFLIGHT),  # small, so a test can hold them all
+        PIGGYBACK_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),  # small, so a chunked body crosses it quickly
     )
     for deployment in application["deployments"]:
         if deployment["name"] == "PiggybackReplica":
@@ -255,6 +270,121 @@ def test_overload_answers_503_with_retry_after_not_an_unbounded_queue(cluster):
             assert response.headers["Retry-After"] and "detail" in response.json()
 
 
+def _open(base: str, method: str, path: str, headers: dict, body: bytes = b"") -> socket.socket:
+    """A raw HTTP/1.1 request whose body may be left unfinished: the headers and the first `body` bytes."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """Read one response (status, lower-cased headers, JSON body) from `sock`, then close it."""
+    data = b""
+    with sock:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before a response: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
+        while len(body) < int(headers["content-length"]):
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside the response body"
+            body += chunk
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def _multipart(seed: int) -> tuple[bytes, str]:
+    """A one-image predict body and its content type, to send by hand."""
+    request = httpx.Request("POST", "http://x/", files=[("images", ("x.png", png_bytes(seed), "image/png"))])
+    return request.read(), request.headers["content-type"]
+
+
+def test_admin_uploads_are_refused_from_the_headers_before_the_body(cluster):
+    huge = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(256 * 1024 * 1024)}
+    started = time.monotonic()
+    status, headers, body = _answer(_open(cluster, "POST", "/admin/tasks", huge, b"x" * 65536))
+    assert status == 401 and headers["www-authenticate"] == "Bearer" and "token" in body["detail"]
+    assert headers["connection"] == "close" and time.monotonic() - started < 10  # 64 KiB of 256 MiB were sent
+    wrong = {**huge, "Authorization": "Bearer not-the-token"}
+    assert _answer(_open(cluster, "POST", "/admin/tasks", wrong, b"x" * 65536))[0] == 403
+    # with the token, an artifact over PIGGYBACK_MAX_ARTIFACT_BYTES (+1 MiB of form framing) is 413 from its header
+    too_big = {**huge, "Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Length": str(2 * 1024**3)}
+    status, _, body = _answer(_open(cluster, "POST", "/admin/tasks", too_big))
+    assert status == 413 and "larger than" in body["detail"]
+
+
+def test_prediction_bodies_over_the_limit_are_413_declared_or_chunked(cluster):
+    declared = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(MAX_REQUEST_BYTES + 1)}
+    status, headers, body = _answer(_open(cluster, "POST", "/tasks/alpha/predict", declared))
+    assert status == 413 and headers["connection"] == "close" and "larger than" in body["detail"]
+    v2 = {**declared, "Content-Type": "application/json"}
+    status, _, body = _answer(_open(cluster, "POST", "/v2/models/alpha/infer", v2))
+    assert status == 413 and "larger than" in body["error"]  # the Open Inference Protocol's error key
+    # chunked: no length to check up front; counted while read, answered once past the limit (1.25x sent)
+    chunked = {"Content-Type": "multipart/form-data; boundary=x", "Transfer-Encoding": "chunked"}
+    piece = b"x" * 65536
+    sock = _open(cluster, "POST", "/tasks/alpha/predict", chunked)
+    for _ in range(MAX_REQUEST_BYTES * 5 // 4 // len(piece)):
+        sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+    status, _, body = _answer(sock)  # never the terminating chunk: a router that waits for it times out here
+    assert status == 413 and "larger than" in body["detail"]
+
+
+def test_the_router_caps_its_requests_in_flight_from_the_headers(cluster):
+    body, content_type = _multipart(0)
+    slow = {"Content-Type": content_type, "Content-Length": str(len(body))}
+    held: list[socket.socket] = []
+    refused: list[tuple[int, dict[str, str], dict]] = []  # held requests answered with their body unsent
+    try:
+        deadline, response = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            # keep ROUTER_MAX_INFLIGHT uploads open in the router; one refused (while a request of an earlier
+            # test was still counted) is answered at once, from its headers: replace it
+            for sock in [sock for sock in held if select.select([sock], [], [], 0)[0]]:
+                held.remove(sock)
+                refused.append(_answer(sock))
+            held += [
+                _open(cluster, "POST", "/tasks/alpha/predict", slow, body[:10])
+                for _ in range(ROUTER_MAX_INFLIGHT - len(held))
+            ]
+            time.sleep(0.2)  # the held requests reach the router a moment after their headers
+            response = _predict(cluster, "alpha", 1)
+            if response.status_code == 503:
+                break
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] and "router overloaded" in response.json()["detail"]
+        assert REPLICA not in response.headers  # answered by the router itself, no replica involved
+        assert all(status == 503 and headers["retry-after"] for status, headers, _ in refused), refused
+    finally:
+        for sock in held:
+            sock.close()
+    deadline, statuses = time.monotonic() + 20, []
+    while time.monotonic() < deadline and statuses[-1:] != [200]:  # the abandoned requests release their places
+        statuses.append(_predict(cluster, "alpha", 2).status_code)
+        time.sleep(0.2)
+    assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
+
+
+def test_time_spent_before_a_replica_counts_against_the_deadline(cluster):
+    body, content_type = _multipart(3)
+
+    def slow_upload(timeout_s: str) -> tuple[int, dict]:
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), "X-Request-Timeout": timeout_s}
+        sock = _open(cluster, "POST", "/tasks/alpha/predict", headers, body[:100])
+        time.sleep(1.0)  # a slow client: the deadline runs from the request's arrival at the router
+        sock.sendall(body[100:])
+        status, _, answer = _answer(sock)
+        return status, answer
+
+    assert slow_upload("30")[0] == 200
+    status, answer = slow_upload("0.5")
+    assert status == 504 and "deadline passed" in answer["detail"], answer
+
+
 def test_kill_9_one_replica_under_a_stream(cluster):
     victim = _predict(cluster, "alpha", 0).headers[REPLICA]  # the replica holding alpha: the stream goes there
     pid = int(victim.rsplit("-", 1)[1])  # the header is hostname-pid
@@ -299,3 +429,33 @@ def test_kill_9_one_replica_under_a_stream(cluster):
     assert set(plain) <= {200, 503}, plain  # requests caught on the dead replica end in 503 + Retry-After
     later = [_predict(cluster, "alpha", seed).status_code for seed in range(5)]
     assert later == [200] * 5
+
+
+def _driver(ray_env: dict, code: str) -> str:
+    """Run `code` in a Ray driver joined to the module's cluster (a subprocess: this one never imports ray)."""
+    prelude = (
+        "import json, ray\n"
+        f"ray.init(address='127.0.0.1:{ray_env['gcs']}', namespace='piggyback', logging_level='ERROR')\n"
+        "targets = ray.get_actor('piggyback-metrics-targets')\n"
+    )
+    return _run([sys.executable, "-c", prelude + code], ray_env["env"]).stdout
+
+
+def test_metrics_targets_drop_lost_replicas_and_stopped_ones_leave(cluster, ray_env):
+    listed = httpx.get(f"{cluster}/metrics/targets", timeout=30).json()  # after the kill: prunes the lost replica
+    assert len(listed) == 2, listed
+    # the targets actor itself holds no more than the live replicas, and a graceful stop removes each one
+    out = _driver(
+        ray_env,
+        "from ray import serve\n"
+        "import time\n"
+        "print(json.dumps(ray.get(targets.all.remote())))\n"
+        "serve.shutdown()\n"
+        "deadline = time.monotonic() + 60\n"
+        "while ray.get(targets.all.remote()) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.2)\n"
+        "print(json.dumps(ray.get(targets.all.remote())))\n",
+    )
+    before, after = (json.loads(line) for line in out.strip().splitlines()[-2:])
+    assert sorted(before.values()) == sorted(t["targets"][0] for t in listed), (before, listed)
+    assert after == {}, after

@@ -236,8 +236,11 @@ def test_register_uploads_an_existing_artifact(capsys, backbone_file, resnet18, 
         assert code == 1 and "403" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("url,words", [("127.0.0.1:8000", "http://"), ("http://127.0.0.1:{port}", "cannot reach")])
-def test_register_failures_are_one_clear_line(tmp_path, resnet18, url, words):
+@pytest.mark.parametrize(
+    "url,words,status", [("127.0.0.1:8000", "http://", 2), ("http://127.0.0.1:{port}", "cannot reach", 1)]
+)
+def test_register_failures_are_one_clear_line(tmp_path, resnet18, url, words, status):
+    """A refused argument is status 2 before anything is sent; a failed upload is 1 and names the kept file."""
     from mask_store import save_artifact
 
     artifact_file = tmp_path / "task.safetensors"
@@ -245,6 +248,6 @@ def test_register_failures_are_one_clear_line(tmp_path, resnet18, url, words):
     url = url.format(port=free_port())  # nothing listens there
     command = [sys.executable, "-m", "training", "register", str(artifact_file), "--url", url, "--token", "t"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
+    assert run.returncode == status
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and str(artifact_file) in lines[0], run.stderr
+    assert len(lines) == 1 and words in lines[0] and (status == 2 or str(artifact_file) in lines[0]), run.stderr

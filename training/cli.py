@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from torchvision import transforms
 
@@ -19,11 +21,14 @@ from training.export import export_artifact
 from training.masking import MaskConfig
 from training.trainer import TrainConfig, train_task
 from training.validate import (
+    ADMIN_TOKEN_VARIABLE,
     InvalidArgument,
+    admin_token,
     bad_images,
     check_classes,
     check_input_size,
     check_train_args,
+    check_url,
     finetune_leaves,
     image_size,
     positive_float,
@@ -65,8 +70,24 @@ def _train_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--register", metavar="URL", help="upload the artifact to a running server when done")
-    p.add_argument("--token", help="admin token for --register")
+    _token_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (epoch summaries stay)")
+
+
+def _token_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="the server's admin token (shown in the process list: prefer the two below)")
+    p.add_argument("--token-file", type=Path, help="a file holding the admin token (surrounding whitespace ignored)")
+    p.epilog = f"The admin token is --token, else --token-file, else the {ADMIN_TOKEN_VARIABLE} variable."
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    return admin_token(args.token, args.token_file, os.environ.get(ADMIN_TOKEN_VARIABLE))
+
+
+def usage_error(message: str) -> NoReturn:
+    """A refused argument: one line, exit status 2 as argparse's own refusals (a failed run is 1)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,12 +95,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     preprocess = Preprocess(size=args.image_size, grayscale=args.grayscale)
     try:
         check_train_args(args)
+        token = _admin_token(args) if args.register else None
         backbone = build_backbone(args.backbone, args.weights)
         finetune_layers = finetune_leaves(backbone, args.finetune_layers)
         check_input_size(backbone, args.image_size)
         train_set, val_set = image_folder(args.data, "train", preprocess), image_folder(args.data, "val", preprocess)
         check_classes(train_set.classes, val_set.classes)
-    except (InvalidArgument, MaskStoreError, FileNotFoundError) as exc:
+    except InvalidArgument as exc:
+        usage_error(str(exc))
+    except (MaskStoreError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     bad = bad_images([path for ds in (train_set, val_set) for path, _ in ds.samples], args.grayscale)
     if bad:
@@ -135,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"density {m.density:.3f}"
     )
     if args.register:
-        return cmd_register(data, args.register, args.token, kept=args.out)
+        return cmd_register(data, args.register, token, kept=args.out)
     return 0
 
 
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     register = sub.add_parser("register", help="upload an existing task artifact to a running server")
     register.add_argument("file", type=Path, help="task artifact (.safetensors) written by train")
     register.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    register.add_argument("--token", required=True, help="the server's admin token")
+    _token_arguments(register)
     backbone_task.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "backbone-task":
@@ -172,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return cmd_train(args)
     if args.command == "register":
-        return cmd_register(args.file, args.url, args.token)
+        try:
+            check_url(args.url)
+            token = _admin_token(args)
+        except InvalidArgument as exc:
+            usage_error(str(exc))
+        return cmd_register(args.file, args.url, token)
     if args.command == "demo":
         from training.demo import build_demo
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import torch
 from PIL import Image
 from torch import nn
@@ -24,6 +25,7 @@ from mask_store.object_location import is_s3_location
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MAX_IMAGE_SIZE = Preprocess.model_fields["size"].metadata[1].le  # the artifact schema's own bound
+ADMIN_TOKEN_VARIABLE = "PIGGYBACK_ADMIN_TOKEN"  # the server's own variable: one export serves both
 
 
 class InvalidArgument(ValueError):
@@ -61,10 +63,44 @@ def image_size(text: str) -> int:
 
 
 def check_url(url: str) -> None:
-    """An http(s) URL with a host, e.g. http://127.0.0.1:8000."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    """An http(s) URL with a host, e.g. http://127.0.0.1:8000; checked before training, not when uploading."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is no number in 0..65535)
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise InvalidArgument(f"server URL {url!r} is malformed ({exc}); e.g. http://127.0.0.1:8000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidArgument(f"server URL {url!r} must start with http:// or https:// and name a host")
+
+
+def admin_token(token: str | None, token_file: Path | None, from_environment: str | None) -> str:
+    """The admin token from --token, else --token-file, else PIGGYBACK_ADMIN_TOKEN, stripped as the server strips it.
+
+    The file and the variable keep the token out of the process list, where --token shows it for a whole
+    training run. Checked before training: a token no HTTP header can carry would only fail at the upload.
+    """
+    if token is not None:
+        source, value = "--token", token
+    elif token_file is not None:
+        source = f"--token-file {token_file}"
+        try:
+            value = token_file.read_bytes().decode("utf-8", errors="replace")
+        except OSError as exc:
+            raise InvalidArgument(f"{source}: cannot read it ({exc.strerror or exc})") from None
+    elif from_environment is not None:
+        source, value = ADMIN_TOKEN_VARIABLE, from_environment
+    else:
+        raise InvalidArgument(f"no admin token: set {ADMIN_TOKEN_VARIABLE}, or pass --token-file FILE (or --token)")
+    value = value.strip()
+    if not value:
+        raise InvalidArgument(f"the admin token from {source} is empty")
+    if not all(" " <= char <= "~" for char in value):  # httpx sends header values as ASCII
+        raise InvalidArgument(
+            f"the admin token from {source} has a non-ASCII or control character, which no HTTP header carries; "
+            "use the server's token, e.g. one made by `openssl rand -hex 32`"
+        )
+    return value
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -89,8 +125,6 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise InvalidArgument("--finetune-layers needs --method mixed")
     if args.register:
         check_url(args.register)
-        if not args.token:
-            raise InvalidArgument("--register needs --token")
 
 
 def _check_out_file(out: Path) -> None:
