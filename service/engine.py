@@ -196,7 +196,8 @@ class Engine:
         """Serve exactly what the store's index names (changes by any process); True when fully applied.
 
         Cheap when nothing changed: one tag read. A task that fails to load keeps its previous version
-        here (if any), is listed in `failed` and counted; a storage error is retried at the next call.
+        here (if any), is listed in `failed` (until the store no longer names it) and counted; a storage
+        or I/O error is not a failure of that version: it is retried at the next call.
         """
         with self._sync_lock:
             tag = self.store.index_tag()
@@ -214,7 +215,7 @@ class Engine:
                 try:
                     self._install(self.prepare(self.store.get(name, version)), allow_older=True)
                     log.info("serving task %s version %d from the store", name, version)
-                except StoreUnavailable as exc:
+                except (StoreUnavailable, OSError) as exc:  # I/O (EIO, ESTALE, a lost network): never a bad task
                     complete = False
                     log.warning("task %s version %d: store unavailable, will retry: %s", name, version, exc)
                 except Exception as exc:  # one bad task must not keep the others from serving
@@ -222,6 +223,7 @@ class Engine:
             for name in {t.name for t in self.tasks()} - set(index.tasks):
                 self._deactivate(name)
                 log.info("task %s was unregistered in the store", name)
+            self._forget_failures_except(set(index.tasks))
             if complete:
                 self._applied_tag = tag
             return complete
@@ -238,6 +240,13 @@ class Engine:
         self.metrics.task_load_failures.labels(kind=type(exc).__name__).inc()
         kept = self._task_or_none(name)
         log.error("task %s %s; %s", name, reason, f"still serving version {kept.version}" if kept else "not serving it")
+
+    def _forget_failures_except(self, stored: set[str]) -> None:
+        """A failed task that the store no longer names is no longer anyone's problem: unlisted."""
+        with self._lock:
+            for name in set(self.failed) - stored:
+                del self.failed[name]
+                self._failed_versions.pop(name, None)
 
     def _task_or_none(self, name: str) -> LoadedTask | None:
         with self._lock:

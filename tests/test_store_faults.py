@@ -3,13 +3,14 @@ has, counts the failed polls, and picks the new version up once the store is rea
 
 from __future__ import annotations
 
+import errno
 import time
 from urllib.parse import urlparse
 
 import pytest
 import torch
 
-from mask_store import StoreUnavailable, TaskStore, artifact_bytes
+from mask_store import StoreUnavailable, TaskNotFound, TaskStore, artifact_bytes
 from service.engine import Engine
 from service.metrics import Metrics
 from service.store_watcher import StoreWatcher
@@ -56,3 +57,45 @@ def test_a_replica_keeps_serving_through_a_store_outage_and_catches_up(s3_env, m
     finally:
         watcher.stop()
     assert not torch.equal(engine.forward_task(engine.task("t"), images), before)
+
+
+def test_an_io_error_while_loading_a_new_version_is_retried_not_a_failed_version(
+    tmp_path, monkeypatch, backbone_file, resnet18
+):
+    """One EIO reading v2 from a directory store: this replica keeps v1, then serves v2 at the next poll
+    (before, v2 was marked failed for good on this replica while the others served it)."""
+    store = TaskStore(tmp_path / "store")
+    store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=1, seed=1)))
+    engine = Engine(server_settings(backbone_file, tmp_path / "store"), Metrics())
+    engine.load_store()
+    store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=2, seed=2)))
+    objects = type(engine.store.objects)
+    real_get_tagged = objects.get_tagged
+    failures = []
+
+    def get_tagged_failing_once(self, key):
+        if key.startswith("t/") and not failures:
+            failures.append(key)
+            raise OSError(errno.EIO, "Input/output error", key)
+        return real_get_tagged(self, key)
+
+    monkeypatch.setattr(objects, "get_tagged", get_tagged_failing_once)
+    assert engine.sync_with_store() is False  # not fully applied: to be retried
+    assert failures and engine.task("t").version == 1 and engine.failed == {}
+    assert engine.sync_with_store() is True
+    assert engine.task("t").version == 2 and engine.failed == {}
+
+
+def test_a_failed_task_is_unlisted_once_the_store_no_longer_names_it(tmp_path, backbone_file, resnet18):
+    from tests.test_serving_store_defects import _poison
+
+    store = TaskStore(tmp_path / "store")
+    store.put(_poison(resnet18, "negative-bn-variance"))  # another replica's bug: stored without its proof
+    engine = Engine(server_settings(backbone_file, tmp_path / "store"), Metrics())
+    engine.load_store()
+    assert "poison" in engine.failed
+    store.delete("poison")  # unregistered by another replica
+    assert engine.sync_with_store() is True
+    assert engine.failed == {}
+    with pytest.raises(TaskNotFound, match="no task named"):
+        engine.task("poison")
