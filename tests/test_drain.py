@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,8 +10,8 @@ import httpx
 import pytest
 
 from mask_store import Preprocess, TaskStore, artifact_bytes
-from tests.conftest import ADMIN_TOKEN, random_task_artifact
-from tests.servers import free_port, png_bytes, wait_ready
+from tests.conftest import random_task_artifact
+from tests.servers import png_bytes, start_service
 
 DRAIN_S = 60
 REQUESTS, IMAGES = 6, 16  # one image per forward: about a hundred forwards still to run at SIGTERM
@@ -34,25 +31,12 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_exits_0(tmp_path,
     TaskStore(store).put(
         artifact_bytes(random_task_artifact(resnet18, "resnet18", task="alpha", preprocess=preprocess))
     )
-    port = free_port()
-    env = {
-        **os.environ,
-        "PIGGYBACK_BACKBONE": "resnet18",
-        "PIGGYBACK_WEIGHTS": str(backbone_file),
-        "PIGGYBACK_STORE": str(store),
-        "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
-        "PIGGYBACK_PORT": str(port),
-        "PIGGYBACK_DEVICE": "cpu",
-        "PIGGYBACK_MAX_BATCH_SIZE": "1",
-        "PIGGYBACK_MAX_QUEUED_IMAGES": str(REQUESTS * IMAGES),
-        "PIGGYBACK_DRAIN_S": str(DRAIN_S),
-        "PIGGYBACK_LOG_LEVEL": "warning",
-    }
-    server = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    server, port = start_service(
+        store, backbone_file, max_batch_size="1", max_queued_images=str(REQUESTS * IMAGES), drain_s=str(DRAIN_S)
+    )
     base = f"http://127.0.0.1:{port}"
     files = [("images", (f"{i}.png", png_bytes(seed=i, size=64), "image/png")) for i in range(IMAGES)]
     try:
-        wait_ready(base, process=server)
         with ThreadPoolExecutor(REQUESTS) as pool:
             futures = [
                 pool.submit(httpx.post, f"{base}/tasks/alpha/predict", files=files, timeout=DRAIN_S)
