@@ -4,8 +4,8 @@ The store is written once against `ObjectStore`; a backend only moves bytes. Key
 relative paths (`mnist/00000003.safetensors`). The contract every backend keeps:
 
 - `put` is all-or-nothing: a reader sees the previous object or the complete new one, never a part.
-- `tag` names one exact content of a key and changes with every `put` (an ETag on S3; inode, size
-  and mtime here). It is cheap: polling it is how replicas notice a change.
+- `tag` names one exact content of a key and changes whenever the content does (an ETag on S3, a
+  content hash here). It is cheap for small objects: polling the index's is how replicas notice a change.
 - `put_if` is a compare-and-swap: it writes only if the key's current tag is `expected` (`None`:
   only if the key does not exist) and otherwise raises `ObjectConflict`; of two writers holding the
   same tag, exactly one wins.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -116,21 +117,17 @@ class LocalObjects(ObjectStore):
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
         try:
             with open(self._path(key), "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                return handle.read(), self._stat_tag(stat)
+                data = handle.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
-
-    @staticmethod
-    def _stat_tag(stat: os.stat_result) -> str:
-        # every put renames a fresh file into place: a new inode and mtime each time
-        return f"{stat.st_ino:x}-{stat.st_size:x}-{stat.st_mtime_ns:x}"
+        return data, _content_tag(data)
 
     def tag(self, key: str) -> str | None:
-        try:
-            return self._stat_tag(os.stat(self._path(key)))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        """A hash of the content, not of inode, size and mtime: with one-second timestamps (ext4 with
+        small inodes, many NFS servers) and inodes reused by each rename, two index writes can share
+        all three, and a replica would miss a change. The index is small: hashing it is a poll's cost."""
+        found = self.get_tagged(key)
+        return None if found is None else found[1]
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -187,3 +184,7 @@ class LocalObjects(ObjectStore):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+
+def _content_tag(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

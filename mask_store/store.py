@@ -10,13 +10,19 @@ number. The index is the only truth a reader trusts:
 - delete: swap the index without the task, then remove its objects.
 - Replicas poll `index_tag()` (one metadata request) and re-read the index only when it changed.
 
-The live version of a task is its highest stored version; a put that is not higher is refused.
+The live version of a task is its highest stored version; a put that is not higher is refused, except
+the very artifact that is already live, which succeeds again without writing (a client retrying an
+upload whose answer it lost). A put that fails to publish removes its object; a publish whose outcome
+is unknown (the network failed after sending) is resolved by re-reading the index.
+A missing index beside current-layout objects is damage, never "no tasks": readers keep what they
+serve and are told to rebuild it (`rebuild_index`, `POST /admin/store/rebuild-index`).
 Stores written before the index existed (`<task>/<version:08d>.safetensors`, no index) are read by
 listing them; the first write records them in a new index. The store never touches other names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -37,6 +43,7 @@ from mask_store.objects import ObjectConflict, ObjectStore, StoreUnavailable
 log = logging.getLogger("piggyback.store")
 INDEX_KEY = "_index.json"
 LEGACY_KEY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(\d{8,12})\.safetensors$")
+CURRENT_KEY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(\d{8,12})-[0-9a-f]{16}\.safetensors$")
 PUBLISH_ATTEMPTS = 50
 
 
@@ -58,6 +65,24 @@ class StoreIndex(BaseModel):
     def live(self, name: str) -> tuple[int, StoredVersion] | None:
         versions = self.tasks.get(name)
         return max(versions.items()) if versions else None
+
+
+class IndexMissing(StoreUnavailable):
+    """The index is gone but task objects are there: damage to repair, not an empty store."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A stored artifact, the index that names it, and that index's tag."""
+
+    artifact: TaskArtifact
+    index: StoreIndex
+    tag: str | None
+
+
+def _names(index: StoreIndex, name: str, version: int, entry: StoredVersion) -> bool:
+    """Whether `index` names exactly this artifact as the task's live version."""
+    return index.live(name) == (version, entry)
 
 
 @dataclass(frozen=True)
@@ -94,21 +119,57 @@ class TaskStore:
 
     def _index_from_listing(self) -> StoreIndex:
         tasks: dict[str, dict[int, StoredVersion]] = {}
+        current = 0
         for key in self.objects.list():
             match = LEGACY_KEY.match(key)
             if match:
                 tasks.setdefault(match[1], {})[int(match[2])] = StoredVersion(key=key)
+            current += bool(CURRENT_KEY.match(key))
+        if current and not tasks:  # a pre-index store's extra objects are a crashed writer's, not a lost index
+            raise IndexMissing(
+                f"the store index {INDEX_KEY} is missing from {self.url} but {current} task objects are there; "
+                "nothing was unregistered: rebuild the index with POST /admin/store/rebuild-index"
+            )
         return StoreIndex(tasks=tasks)
 
-    def _update_index(self, change: Callable[[StoreIndex], None]) -> StoreIndex:
-        """Apply `change` to the latest index and publish it; retried when another writer won."""
+    def rebuild_index(self) -> StoreIndex:
+        """A new index naming every task object in the store, after the index was lost.
+
+        Each object is read and fully validated (its identity is recomputed). The generation starts
+        from the clock in milliseconds, above any count the lost index can have reached, so replicas
+        that order snapshots by generation accept it. Refused when an index exists.
+        """
+        if self.objects.tag(INDEX_KEY) is not None:
+            raise ObjectConflict(f"{self.url} has an index; only a lost one is rebuilt")
+        tasks: dict[str, dict[int, StoredVersion]] = {}
+        for key in self.objects.list():
+            if not CURRENT_KEY.match(key):
+                continue
+            data = self.objects.get(key)
+            if data is None:
+                continue
+            manifest = parse_artifact(data, key).manifest
+            tasks.setdefault(manifest.task, {})[manifest.version] = StoredVersion(
+                key=key, identity=artifact_identity(manifest)
+            )
+        index = StoreIndex(generation=int(time.time() * 1000), tasks=tasks)
+        self.objects.put_if(INDEX_KEY, index.model_dump_json(indent=1).encode(), None)
+        log.warning("rebuilt the index of %s: %d tasks, generation %d", self.url, len(tasks), index.generation)
+        return index
+
+    def _update_index(self, change: Callable[[StoreIndex], bool | None]) -> tuple[StoreIndex, str | None]:
+        """Apply `change` to the latest index and publish it; retried when another writer won.
+
+        Returns the published index and its tag. `change` may refuse (raise) after seeing the latest
+        state, or return False when the index already says what it wants: nothing is written then.
+        """
         for attempt in range(PUBLISH_ATTEMPTS):
             index, tag = self.read_index()
-            change(index)  # may refuse (raise) after seeing the latest state
+            if change(index) is False:
+                return index, tag
             index.generation += 1
             try:
-                self.objects.put_if(INDEX_KEY, index.model_dump_json(indent=1).encode(), tag)
-                return index
+                return index, self.objects.put_if(INDEX_KEY, index.model_dump_json(indent=1).encode(), tag)
             except ObjectConflict:
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
         raise StoreUnavailable(f"the store index in {self.url} kept changing; {PUBLISH_ATTEMPTS} attempts lost")
@@ -141,6 +202,10 @@ class TaskStore:
     def get(self, name: str, version: int | None = None) -> TaskArtifact:
         """Load and fully validate a stored artifact (the live version unless one is named)."""
         version, entry = self._entry(name, version)
+        return self.load(name, version, entry)
+
+    def load(self, name: str, version: int, entry: StoredVersion) -> TaskArtifact:
+        """Load and fully validate the artifact an index entry names (no index read)."""
         data = self.objects.get(entry.key)
         if data is None:
             raise CorruptArtifact(f"{entry.key} is named by the store index but missing from {self.url}")
@@ -169,10 +234,20 @@ class TaskStore:
         layout: BackboneLayout | None = None,
         prove: Callable[[TaskArtifact], None] | None = None,
     ) -> TaskArtifact:
-        """Validate an artifact (file path or bytes) and store it durably; returns it loaded.
+        """Validate an artifact (file path or bytes) and store it durably; returns it loaded."""
+        return self.publish(source, layout, prove).artifact
+
+    def publish(
+        self,
+        source: str | Path | bytes,
+        layout: BackboneLayout | None = None,
+        prove: Callable[[TaskArtifact], None] | None = None,
+    ) -> Published:
+        """Validate an artifact and store it durably; returns it with the index that names it.
 
         Refuses with CorruptArtifact, BackboneMismatch (when `layout` is given), whatever `prove`
-        raises (e.g. a forward pass that fails), or TaskVersionExists; a refusal writes nothing.
+        raises (e.g. a forward pass that fails), or TaskVersionExists; a refusal writes nothing, and
+        neither does a failure to publish (the object written for it is removed).
         """
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         artifact = parse_artifact(data, "uploaded artifact")
@@ -182,20 +257,46 @@ class TaskStore:
             prove(artifact)
         name, version = artifact.manifest.task, artifact.manifest.version
         identity = artifact_identity(artifact.manifest)
-        self._refuse_stale(self.read_index()[0], name, version)
         key = f"{name}/{version:08d}-{identity[:16]}.safetensors"
-        self.objects.put(key, data)  # not yet named by the index: invisible to every reader
-
-        def publish(index: StoreIndex) -> None:
+        entry = StoredVersion(key=key, identity=identity)
+        index, tag = self.read_index()
+        if tag is None:  # a store's first write: its index first, so no task object ever stands without one
+            index, tag = self._update_index(lambda index: None)
+        if not _names(index, name, version, entry):
             self._refuse_stale(index, name, version)
-            index.tasks.setdefault(name, {})[version] = StoredVersion(key=key, identity=identity)
+            self.objects.put(key, data)  # not yet named by the index: invisible to every reader
+
+        def publish(index: StoreIndex) -> bool | None:
+            if _names(index, name, version, entry):
+                return False  # the very artifact is already live: success, nothing to write
+            self._refuse_stale(index, name, version)
+            index.tasks.setdefault(name, {})[version] = entry
 
         try:
-            self._update_index(publish)
+            index, tag = self._update_index(publish)
         except TaskVersionExists:  # lost a race to an equal or higher version: leave no trace
             self._delete_unnamed(key)
             raise
-        return artifact
+        except StoreUnavailable as error:
+            index, tag = self._outcome_of_publish(error, key, name, version, entry)
+        return Published(artifact, index, tag)
+
+    def _outcome_of_publish(
+        self, error: StoreUnavailable, key: str, name: str, version: int, entry: StoredVersion
+    ) -> tuple[StoreIndex, str | None]:
+        """After a failed index write: if the index names the artifact anyway (the write landed, its answer
+        was lost), it is published; otherwise its object goes (a full disk, a refused write) and the error
+        stands. When the index cannot be read either, the object stays for the sweep."""
+        try:
+            index, tag = self.read_index()
+        except MaskStoreError:
+            raise error from None
+        if _names(index, name, version, entry):
+            log.warning("publishing %s answered %s, but the index names it: published", key, error)
+            return index, tag
+        with contextlib.suppress(MaskStoreError):
+            self._delete_unnamed(key)
+        raise error
 
     @staticmethod
     def _refuse_stale(index: StoreIndex, name: str, version: int) -> None:
@@ -226,8 +327,8 @@ class TaskStore:
         for entry in removed:
             self.objects.delete(entry.key)
 
-    def delete(self, name: str) -> None:
-        """Remove every version of a task. Raises TaskNotFound if there is none."""
+    def delete(self, name: str) -> tuple[StoreIndex, str | None]:
+        """Remove every version of a task; returns the index published without it. TaskNotFound if none."""
         removed: list[StoredVersion] = []
 
         def drop(index: StoreIndex) -> None:
@@ -235,9 +336,10 @@ class TaskStore:
                 raise TaskNotFound(f"no task {name!r}")
             removed.extend(index.tasks.pop(name).values())
 
-        self._update_index(drop)
+        published = self._update_index(drop)
         for entry in removed:
             try:
                 self.objects.delete(entry.key)
             except StoreUnavailable as exc:  # unnamed now, so harmless; a later cleanup may retry
                 log.warning("task %s unregistered, but %s stays in the store: %s", name, entry.key, exc)
+        return published

@@ -2,18 +2,20 @@
 
 Start-up loads the backbone and every stored task in a background thread, so /healthz answers at
 once and /readyz turns 200 only when the backbone is on the device, the store is read and every
-task has run one warm-up forward.
+task has run one warm-up forward. A store that cannot be read yet is retried with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from mask_store import StoreUnavailable
 from service.admin_auth import AdminAuth
 from service.batcher import Batcher
 from service.body_deadline import BodyDeadline
@@ -33,10 +35,26 @@ from service.store_watcher import StoreWatcher
 log = logging.getLogger("piggyback.service")
 
 
-def _load_engine(settings: Settings, metrics: Metrics) -> Engine:
-    engine = Engine(settings, metrics)
-    engine.load_store()  # every task proves itself with a forward: that is the warm-up
-    return engine
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.5, 10.0
+
+
+async def _read_store_until_it_answers(engine: Engine, state) -> None:
+    """Start-up's first read of the store (every task proves itself with a forward: the warm-up),
+    retried with backoff while the store is unavailable (unreachable, its index damaged or missing):
+    `/readyz` says why meanwhile, and the replica becomes ready once the store is repaired instead of
+    staying unready for good while `/healthz` says ok."""
+    delay = STORE_RETRY_FIRST_S
+    while True:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.load_store)
+            state.store_wait = None
+            return
+        except StoreUnavailable as exc:
+            state.store_wait = f"waiting for the store (retry in {delay:g} s): {exc}"
+            engine.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
+            log.warning("start-up: %s", state.store_wait)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, STORE_RETRY_MAX_S)
 
 
 @asynccontextmanager
@@ -46,10 +64,12 @@ async def lifespan(app: FastAPI):
         log.warning("PIGGYBACK_ADMIN_TOKEN is not set: the /admin routes refuse every request")
     state.batcher = None
     state.watcher = None
+    state.store_wait = None
 
     async def start() -> None:
         try:
-            engine = await asyncio.get_running_loop().run_in_executor(None, _load_engine, state.settings, state.metrics)
+            engine = await asyncio.get_running_loop().run_in_executor(None, Engine, state.settings, state.metrics)
+            await _read_store_until_it_answers(engine, state)
         except Exception as exc:  # surfaced by /readyz and every route instead of a silent crash loop
             log.exception("start-up failed")
             state.startup_error = f"start-up failed: {exc}"
@@ -71,7 +91,10 @@ async def lifespan(app: FastAPI):
     try:
         yield
     finally:
-        await starter
+        if state.store_wait is not None:  # shutting down while the store never answered: stop waiting
+            starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starter
         if state.watcher is not None:
             state.watcher.stop()
         if state.batcher is not None:

@@ -34,6 +34,7 @@ from mask_store import (
     build_transform,
 )
 from mask_store.manifest import Manifest
+from mask_store.store import IndexMissing, StoreIndex
 from service.cache import TaskWeightCache
 from service.kernels.select import select_mask_apply
 from service.metrics import Metrics
@@ -65,6 +66,10 @@ class LoadedTask:
         return self.manifest.version
 
 
+class GenerationBehind(StoreUnavailable):
+    """The store's index went back to a lower generation than this replica serves."""
+
+
 class Engine:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
@@ -88,6 +93,8 @@ class Engine:
         self.failed: dict[str, str] = {}  # task name -> why this replica does not serve it
         self._failed_versions: dict[str, tuple[int, str]] = {}  # known-bad (version, identity): not reloaded
         self._applied_tag: str | None | object = _NEVER
+        self._applied_generation = -1
+        self.store_problem: str | None = None  # why the last store poll failed, while it does
         self._lock = threading.Lock()  # the registry: _tasks and failed
         self._forward_lock = threading.Lock()  # a forward displaces module tensors: one forward at a time
         self._sync_lock = threading.Lock()
@@ -175,22 +182,31 @@ class Engine:
 
     def register(self, data: bytes) -> LoadedTask:
         """Validate, prove it runs, store durably, then activate. A refusal changes nothing; an
-        activation that fails after the store took the artifact withdraws it again."""
+        activation that fails after the store took the artifact withdraws it again.
+
+        Under the sync lock, and followed by applying the index it published: a store poll holding an
+        older index can neither run meanwhile nor afterwards, so a task answered 201 here is never
+        404 or an older version here afterwards.
+        """
         prepared: list[LoadedTask] = []
-        artifact = self.store.put(data, self.layout, prove=lambda a: prepared.append(self.prepare(a)))
-        task = prepared[0]
-        try:
-            self._install(task, allow_older=False)
-        except BaseException:
-            log.exception("activation of %s version %d failed; withdrawing it from the store", task.name, task.version)
-            self.store.withdraw(artifact.manifest.task, artifact.manifest.version)
-            raise
+        with self._sync_lock:
+            published = self.store.publish(data, self.layout, prove=lambda a: prepared.append(self.prepare(a)))
+            task = prepared[0]
+            try:
+                self._install(task, allow_older=False)
+            except BaseException:
+                log.exception("activation of %s version %d failed; withdrawing it", task.name, task.version)
+                self.store.withdraw(task.name, task.version)
+                raise
+            self._apply_index(published.index, published.tag)
         return task
 
     def unregister(self, name: str) -> None:
         """Remove from the store and from serving; requests already holding the task still finish."""
-        self.store.delete(name)
-        self._deactivate(name)
+        with self._sync_lock:
+            index, tag = self.store.delete(name)
+            self._deactivate(name)
+            self._apply_index(index, tag)
 
     def sync_with_store(self) -> bool:
         """Serve exactly what the store's index names (changes by any process); True when fully applied.
@@ -204,29 +220,46 @@ class Engine:
             if tag == self._applied_tag:
                 return True
             index, tag = self.store.read_index()
-            complete = True
-            for name in index.tasks:
-                version, entry = index.live(name)
-                current = self._task_or_none(name)
-                if current is not None and current.version == version and entry.identity in ("", current.identity):
-                    continue
-                if self._failed_versions.get(name) == (version, entry.identity):
-                    continue
-                try:
-                    self._install(self.prepare(self.store.get(name, version)), allow_older=True)
-                    log.info("serving task %s version %d from the store", name, version)
-                except (StoreUnavailable, OSError) as exc:  # I/O (EIO, ESTALE, a lost network): never a bad task
-                    complete = False
-                    log.warning("task %s version %d: store unavailable, will retry: %s", name, version, exc)
-                except Exception as exc:  # one bad task must not keep the others from serving
-                    self._record_failure(name, version, entry.identity, exc)
-            for name in {t.name for t in self.tasks()} - set(index.tasks):
-                self._deactivate(name)
-                log.info("task %s was unregistered in the store", name)
-            self._forget_failures_except(set(index.tasks))
-            if complete:
-                self._applied_tag = tag
-            return complete
+            if tag is None and self._applied_generation > 0:
+                raise IndexMissing(
+                    f"the store index of {self.store.url} is gone (generation {self._applied_generation} was served "
+                    "here): nothing is unregistered; rebuild it with POST /admin/store/rebuild-index"
+                )
+            return self._apply_index(index, tag)
+
+    def _apply_index(self, index: StoreIndex, tag: str | None) -> bool:
+        """Serve what `index` names (the caller holds the sync lock); an index older than one applied
+        here already is ignored: snapshots only move forward."""
+        if index.generation < self._applied_generation:
+            raise GenerationBehind(
+                f"the store index is at generation {index.generation}, behind generation {self._applied_generation} "
+                "served here: the store was reset or restored; serving what this replica has (restart it, or "
+                "rebuild the index, to follow the store)"
+            )
+        complete = True
+        for name in index.tasks:
+            version, entry = index.live(name)
+            current = self._task_or_none(name)
+            if current is not None and current.version == version and entry.identity in ("", current.identity):
+                continue
+            if self._failed_versions.get(name) == (version, entry.identity):
+                continue
+            try:
+                self._install(self.prepare(self.store.get(name, version)), allow_older=True)
+                log.info("serving task %s version %d from the store", name, version)
+            except (StoreUnavailable, OSError) as exc:  # I/O (EIO, ESTALE, a lost network): never a bad task
+                complete = False
+                log.warning("task %s version %d: store unavailable, will retry: %s", name, version, exc)
+            except Exception as exc:  # one bad task must not keep the others from serving
+                self._record_failure(name, version, entry.identity, exc)
+        for name in {t.name for t in self.tasks()} - set(index.tasks):
+            self._deactivate(name)
+            log.info("task %s was unregistered in the store", name)
+        self._forget_failures_except(set(index.tasks))
+        if complete:
+            self._applied_tag = tag
+            self._applied_generation = index.generation
+        return complete
 
     def load_store(self) -> None:
         """Start-up: serve every stored task that loads; the others are listed in `failed`."""

@@ -16,6 +16,7 @@ from mask_store import (
     TaskVersionExists,
     UnsupportedImage,
 )
+from mask_store.objects import ObjectConflict
 
 
 class ServiceError(Exception):
@@ -73,6 +74,7 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     CorruptArtifact: 422,
     BackboneMismatch: 422,
     TaskVersionExists: 409,
+    ObjectConflict: 409,
     UnsupportedImage: 415,
     StoreFull: 507,  # before its base class: the first match wins
     StoreUnavailable: 503,

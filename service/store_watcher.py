@@ -2,7 +2,8 @@
 
 A daemon thread calls `Engine.sync_with_store` every `PIGGYBACK_STORE_POLL_S`: one cheap read of the
 store index's tag when nothing changed. Errors (a store that is briefly unreachable) are logged and
-counted; the replica keeps serving what it has and tries again at the next tick.
+counted, and shown by `/readyz` as `store_problem` until a poll succeeds; the replica keeps serving
+what it has (it stays ready) and tries again at the next tick.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class StoreWatcher:
         while not self._stop.wait(self.interval_s):
             try:
                 self.engine.sync_with_store()
+                self.engine.store_problem = None
             except Exception as exc:  # the watcher must outlive any one bad poll
                 self.engine.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
-                log.warning("store poll failed, serving what this replica has: %s", exc)
+                if self.engine.store_problem != str(exc):  # logged once per problem, counted every poll
+                    log.warning("store poll failed, serving what this replica has: %s", exc)
+                self.engine.store_problem = str(exc)

@@ -133,9 +133,10 @@ def wait_until(condition, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-def start_service(store, weights, **settings: str) -> tuple[subprocess.Popen, int]:
+def start_service(store, weights, wait: bool = True, **settings: str) -> tuple[subprocess.Popen, int]:
     """`python -m service` on a resnet18 (unless `backbone=` says otherwise), configured by `settings`
-    (lowercase PIGGYBACK_* names); returns once ready. The caller stops it (`stop_process`)."""
+    (lowercase PIGGYBACK_* names); returns once ready (unless not `wait`). The caller stops it
+    (`stop_process`)."""
     from tests.conftest import ADMIN_TOKEN
 
     port = free_port()
@@ -152,6 +153,9 @@ def start_service(store, weights, **settings: str) -> tuple[subprocess.Popen, in
         **{f"PIGGYBACK_{name.upper()}": value for name, value in settings.items()},
     }
     process = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    if not wait:
+        SERVICE_URLS.add(f"http://127.0.0.1:{port}")
+        return process, port
     try:
         wait_ready(f"http://127.0.0.1:{port}", process=process)
     except BaseException:

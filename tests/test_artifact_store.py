@@ -118,7 +118,11 @@ BAD_ARTIFACTS = {
         lambda data, r: edit_manifest(data, lambda m: m.update(labels=["only-one"])),
         BackboneMismatch,
     ),
-    "same-version-again": (lambda data, r: data, TaskVersionExists),
+    # another artifact at the live version (the very same one again is an idempotent success)
+    "same-version-again": (
+        lambda data, r: artifact_bytes(random_task_artifact(r, "resnet18", task="kept", seed=5)),
+        TaskVersionExists,
+    ),
 }
 
 

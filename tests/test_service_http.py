@@ -190,7 +190,9 @@ def test_register_new_version_then_unregister(server, resnet18):
         assert response.status_code == 201, response.text
         assert response.json()["version"] == artifact.manifest.version
     again = httpx.post(f"{base}/admin/tasks", files={"artifact": ("d", artifact_bytes(v2))}, headers=AUTH)
-    assert again.status_code == 409
+    assert again.status_code == 201  # the very artifact that is live: a retry, nothing written
+    stale = httpx.post(f"{base}/admin/tasks", files={"artifact": ("d", artifact_bytes(v1))}, headers=AUTH)
+    assert stale.status_code == 409 and "not higher than its live version 2" in stale.json()["detail"]
     answer = post_images(base, "delta", [("a.png", png_bytes(), "image/png")]).json()
     assert answer["version"] == 2 and len(answer["predictions"][0]["top_k"]) == 3
     assert TaskStore(store).versions("delta") == [1, 2]

@@ -20,9 +20,10 @@ from tests.conftest import random_task_artifact
 
 @pytest.fixture(scope="module")
 def versions(resnet18):
-    """Artifacts of task `t`, versions 1..3 (different masks each), and of task `u`."""
+    """Artifacts of task `t`, versions 1..3 (different masks each), another version 2, and task `u`."""
     made = {v: to_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=v, seed=v)) for v in (1, 2, 3)}
     made["u"] = to_bytes(random_task_artifact(resnet18, "resnet18", task="u", seed=9))
+    made["other 2"] = to_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=2, seed=20))
     return made
 
 
@@ -45,10 +46,13 @@ def test_a_version_not_higher_than_the_live_one_is_refused(any_store, versions, 
     store = any_store
     store.put(versions[2], resnet18_layout)
     before = visible(store)
-    for stale in (1, 2):
+    for stale in (versions[1], versions["other 2"]):
         with pytest.raises(TaskVersionExists, match="not higher than its live version 2"):
-            store.put(versions[stale], resnet18_layout)
+            store.put(stale, resnet18_layout)
         assert visible(store) == before
+    # the very artifact that is live again (a client retrying an upload whose answer it lost): success, no write
+    assert store.put(versions[2], resnet18_layout).manifest.version == 2
+    assert visible(store) == before
     store.put(versions[3], resnet18_layout)
     assert store.versions("t") == [2, 3] and store.get("t").manifest.version == 3
     assert store.live_tasks()["t"].version == 3

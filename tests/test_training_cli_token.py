@@ -1,7 +1,7 @@
 """The training CLI's admin token and server URL (issue 18): the token also comes from a file or
 PIGGYBACK_ADMIN_TOKEN, so it stays out of the process list; a token no header can carry and a malformed
-URL are one line and exit status 2 before training; an upload the server answers 409 because it already
-serves that very artifact (its store is the one `--out s3://` published to) is success.
+URL are one line and exit status 2 before training; uploading the artifact the server already serves (its
+store is the one `--out s3://` published to) succeeds, and another artifact at that version is a 409.
 
 Every command runs as a user runs it: `python -m training` and `python -m service` as processes, the
 store on a real S3 server (moto).
@@ -76,7 +76,7 @@ def test_train_publishing_to_the_servers_own_store_says_it_is_served(s3_env, s3_
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"published to {location}" in done.stdout
-    assert f"task published-first version 3 is already served at {base}" in done.stdout, done.stdout
+    assert f"registered task published-first version 3 at {base}" in done.stdout, done.stdout
     served = httpx.get(f"{base}/tasks/published-first").json()
     assert served["identity"] == artifact_identity(TaskStore(location).manifest("published-first"))
 
@@ -94,8 +94,8 @@ def test_token_from_a_file_or_the_environment_and_registering_again(s3_server_st
     assert done.returncode == 0 and "registered task by-file version 2" in done.stdout, done.stderr
 
     right = {TOKEN_VARIABLE: ADMIN_TOKEN}
-    done = training_cli("register", str(first), "--url", base, env=right)  # the same artifact again: a 409
-    assert done.returncode == 0 and "task by-file version 2 is already served" in done.stdout, done.stderr
+    done = training_cli("register", str(first), "--url", base, env=right)  # the same artifact again: a retry
+    assert done.returncode == 0 and "registered task by-file version 2" in done.stdout, done.stderr
 
     done = training_cli("register", str(other), "--url", base, env=right)  # another artifact, same version
     assert_one_line_error(done, 1, "409", "not higher than its live version 2", str(other))

@@ -35,3 +35,12 @@ async def register_task(
 async def unregister_task(name: str, engine: EngineDep) -> Response:
     await run_in_threadpool(engine.unregister, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/store/rebuild-index")
+async def rebuild_store_index(engine: EngineDep) -> dict:
+    """After the store's index was lost (deleted, or an emptied prefix restored without it): a new index
+    naming every task object in the store, each read and validated. 409 while an index exists."""
+    index = await run_in_threadpool(engine.store.rebuild_index)
+    await run_in_threadpool(engine.sync_with_store)
+    return {"tasks": len(index.tasks), "generation": index.generation}

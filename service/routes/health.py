@@ -23,8 +23,11 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
     if state.ready.is_set():
         engine = state.engine
-        return JSONResponse({"status": "ready", "tasks": len(engine.tasks()), "failed_tasks": dict(engine.failed)})
-    detail = state.startup_error or "loading backbone and tasks"
+        body = {"status": "ready", "tasks": len(engine.tasks()), "failed_tasks": dict(engine.failed)}
+        if engine.store_problem is not None:  # still serving what it has: ready, and saying why it cannot follow
+            body["store_problem"] = engine.store_problem
+        return JSONResponse(body)
+    detail = state.startup_error or getattr(state, "store_wait", None) or "loading backbone and tasks"
     return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
 
 
