@@ -2,8 +2,9 @@
 
 The bound runs from the request's arrival (stamped by `StampArrival`, outside this middleware): the
 body must be complete within `PIGGYBACK_BODY_TIMEOUT_S`, and within the request's own deadline
-(`PIGGYBACK_REQUEST_TIMEOUT_S`, or less with `X-Request-Timeout`). Past the first, the answer is
-408; past the second, 504. Either way the connection is closed and whatever the request held is freed.
+(`PIGGYBACK_REQUEST_TIMEOUT_S`, or less with `X-Request-Timeout`). Past either the answer is 408
+(the client did not send its request in time: its fault, not the server's, so not a 504), the
+connection is closed and whatever the request held is freed.
 Authenticated `/admin` uploads are exempt: an operator's 1 GiB artifact over a slow link is no attack,
 and `AdminAuth` (outside this middleware) has refused every unauthenticated one from its headers.
 """
@@ -48,8 +49,8 @@ class BodyDeadline:
         if self.body_timeout_s <= request_s:
             detail = f"request body not received within {self.body_timeout_s:g} s (PIGGYBACK_BODY_TIMEOUT_S)"
             return arrived + self.body_timeout_s, BodyTimedOut(408, detail, "BodyTimeout")
-        detail = f"deadline of {request_s:g} s passed while the request body was still arriving"
-        return arrived + request_s, BodyTimedOut(504, detail, "DeadlineExceeded")
+        detail = f"the request's deadline of {request_s:g} s passed while its body was still arriving"
+        return arrived + request_s, BodyTimedOut(408, detail, "BodyTimeout")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not has_body(scope) or self._exempt(scope["path"]):

@@ -38,6 +38,8 @@ class TaskInfo(BaseModel):
     identity: str = Field(
         description="sha256 of the artifact's manifest, which binds every tensor: same identity, same task"
     )
+    resident: bool = Field(True, description="its masks, BN and head are on this replica's device")
+    weights_cached: bool = Field(False, description="its masked weights are materialized in this replica's cache")
     labels: list[str]
     num_classes: int
     backbone: BackboneInfo

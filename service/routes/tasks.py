@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import EngineDep, PredictionDep
+from service.engine import Engine, LoadedTask
 from service.errors import PayloadTooLarge
 from service.images import images_to_batch
 from service.prediction_metrics import observed_prediction
@@ -17,18 +19,43 @@ from service.schemas import FailedTask, Prediction, PredictResponse, ScoredLabel
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 
+MAX_PAGE = 1000
+
+
 @router.get("", response_model=list[TaskInfo | FailedTask])
-def list_tasks(engine: EngineDep) -> list[TaskInfo | FailedTask]:
-    """Served tasks, then stored tasks this replica could not load (with the reason)."""
-    serving = [TaskInfo.from_manifest(task.manifest) for task in engine.tasks()]
-    served = {info.name for info in serving}
-    failed = [FailedTask(name=name, error=why) for name, why in sorted(engine.failed.items()) if name not in served]
-    return [*serving, *failed]
+def list_tasks(
+    engine: EngineDep,
+    response: Response,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="tasks per page")] = MAX_PAGE,
+    after: Annotated[str | None, Query(description="the last name of the previous page")] = None,
+) -> list[TaskInfo | FailedTask]:
+    """Stored tasks by name, served or failed on this replica (with the reason), a page at a time:
+    `X-Total-Count` says how many there are, and `Link: <...>; rel="next"` names the next page."""
+    serving = {task.manifest.task: task for task in engine.tasks()}
+    failed = {name: why for name, why in engine.failed.items() if name not in serving}
+    names = sorted({*serving, *failed})
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    page = names[start : start + limit]
+    response.headers["X-Total-Count"] = str(len(names))
+    if start + limit < len(names):
+        following = request.url.include_query_params(limit=limit, after=page[-1])
+        response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+    return [
+        _describe(engine, serving[name]) if name in serving else FailedTask(name=name, error=failed[name])
+        for name in page
+    ]
 
 
 @router.get("/{name}", response_model=TaskInfo)
 def describe_task(name: str, engine: EngineDep) -> TaskInfo:
-    return TaskInfo.from_manifest(engine.task(name).manifest)
+    return _describe(engine, engine.task(name))
+
+
+def _describe(engine: Engine, task: LoadedTask) -> TaskInfo:
+    info = TaskInfo.from_manifest(task.manifest)
+    info.weights_cached = task.identity in engine.cache
+    return info
 
 
 async def _read_uploads(images: list[UploadFile], max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
