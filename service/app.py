@@ -83,7 +83,7 @@ async def lifespan(app: FastAPI):
         state.watcher.start()
         state.engine = engine
         state.ready.set()
-        log.info("ready: %d tasks (%s)", len(engine.tasks()), ", ".join(t.manifest.task for t in engine.tasks()))
+        log.info("ready: %d tasks registered, %d resident", len(engine.registered()), len(engine.tasks()))
         for name, reason in engine.failed.items():
             log.error("not serving task %s: %s", name, reason)
 

@@ -9,10 +9,11 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from service.batcher import Batcher
 from service.deadlines import Deadline, disconnect_waiter
-from service.engine import Engine
+from service.engine import Engine, LoadedTask
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.settings import Settings
@@ -24,6 +25,12 @@ def get_settings(request: Request) -> Settings:
 
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+async def serving_task(engine: Engine, name: str) -> LoadedTask:
+    """The task's live version: at once when resident, else loaded in a thread (store I/O and a proof
+    forward stay off the event loop; concurrent first requests share one load)."""
+    return engine.resident_task(name) or await run_in_threadpool(engine.task, name)
 
 
 def get_engine(request: Request) -> Engine:

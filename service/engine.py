@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from mask_store import (
     build_transform,
 )
 from mask_store.manifest import Manifest
-from mask_store.store import IndexMissing, StoreIndex
+from mask_store.store import IndexMissing, StoredVersion, StoreIndex
 from service.cache import TaskWeightCache
 from service.kernels.select import select_mask_apply
 from service.metrics import Metrics
@@ -56,6 +57,7 @@ class LoadedTask:
     negative: torch.Tensor | None
     overrides: dict[str, torch.Tensor]
     transform: object = field(repr=False)
+    nbytes: int = 0  # device bytes of its own tensors: what it costs to keep it resident
 
     @property
     def name(self) -> str:
@@ -89,7 +91,13 @@ class Engine:
         # by _forward_lock), so budget 0 costs the apply itself, not a fresh allocation per batch.
         self._scratch: torch.Tensor | None = None
         self.store = TaskStore(settings.store)
-        self._tasks: dict[str, LoadedTask] = {}
+        # The registry. `_live`: what the store's index names (every registered task, cheap). `_tasks`: the
+        # resident ones, loaded on the device, least recently used first; a cold task loads on first use.
+        self._live: dict[str, tuple[int, StoredVersion]] = {}
+        self._tasks: OrderedDict[str, LoadedTask] = OrderedDict()
+        self._resident_budget = int(settings.resident_budget_mb * 1024 * 1024)
+        self._pinned = settings.pinned()
+        self._loading: dict[str, threading.Lock] = {}  # one load per task at a time; other tasks in parallel
         self.failed: dict[str, str] = {}  # task name -> why this replica does not serve it
         self._failed_versions: dict[str, tuple[int, str]] = {}  # known-bad (version, identity): not reloaded
         self._applied_tag: str | None | object = _NEVER
@@ -140,6 +148,8 @@ class Engine:
             },
             transform=build_transform(manifest.preprocess),
         )
+        own = [task.nonzero, *([task.negative] if task.negative is not None else []), *task.overrides.values()]
+        task.nbytes = sum(t.numel() * t.element_size() for t in own)
         what = f"task {manifest.task} version {manifest.version}"
         try:
             probe = task.transform(Image.new("RGB", (manifest.preprocess.size, manifest.preprocess.size)))
@@ -164,18 +174,39 @@ class Engine:
             ):
                 return
             self._tasks[task.name] = task
+            self._tasks.move_to_end(task.name)
             self.failed.pop(task.name, None)
             self._failed_versions.pop(task.name, None)
-            self.metrics.registered_tasks.set(len(self._tasks))
-        if current is not None:
-            self.cache.discard(lambda key: key == current.identity)
+            evicted = self._evict_beyond_budget(keep=task.name)
+            self._count_resident()
+        for old in ([current] if current is not None else []) + evicted:
+            self.cache.discard(lambda key, old=old: key == old.identity)
+
+    def _evict_beyond_budget(self, keep: str) -> list[LoadedTask]:
+        """Unload least recently used tasks (never pinned ones, nor `keep`) until the resident ones fit
+        the budget; the caller holds the registry lock. Requests holding an evicted task still finish."""
+        evicted = []
+        for name in list(self._tasks):
+            if sum(t.nbytes for t in self._tasks.values()) <= self._resident_budget:
+                break
+            if name != keep and name not in self._pinned:
+                evicted.append(self._tasks.pop(name))
+                self.metrics.resident_evictions.inc()
+        return evicted
+
+    def _count_resident(self) -> None:
+        self.metrics.resident_tasks.set(len(self._tasks))
+        self.metrics.resident_bytes.set(sum(t.nbytes for t in self._tasks.values()))
+        self.metrics.registered_tasks.set(len(self._live))
 
     def _deactivate(self, name: str) -> None:
         with self._lock:
             task = self._tasks.pop(name, None)
+            self._live.pop(name, None)
             self.failed.pop(name, None)
             self._failed_versions.pop(name, None)
-            self.metrics.registered_tasks.set(len(self._tasks))
+            self._loading.pop(name, None)
+            self._count_resident()
         if task is not None:
             self.cache.discard(lambda key: key == task.identity)
         self.metrics.forget_task(name)
@@ -236,25 +267,25 @@ class Engine:
                 "served here: the store was reset or restored; serving what this replica has (restart it, or "
                 "rebuild the index, to follow the store)"
             )
-        complete = True
-        for name in index.tasks:
-            version, entry = index.live(name)
-            current = self._task_or_none(name)
-            if current is not None and current.version == version and entry.identity in ("", current.identity):
-                continue
-            if self._failed_versions.get(name) == (version, entry.identity):
-                continue
-            try:
-                self._install(self.prepare(self.store.get(name, version)), allow_older=True)
-                log.info("serving task %s version %d from the store", name, version)
-            except (StoreUnavailable, OSError) as exc:  # I/O (EIO, ESTALE, a lost network): never a bad task
-                complete = False
-                log.warning("task %s version %d: store unavailable, will retry: %s", name, version, exc)
-            except Exception as exc:  # one bad task must not keep the others from serving
-                self._record_failure(name, version, entry.identity, exc)
-        for name in {t.name for t in self.tasks()} - set(index.tasks):
+        live = {name: found for name in index.tasks if (found := index.live(name)) is not None}
+        for name in set(self._live) - set(live):
             self._deactivate(name)
             log.info("task %s was unregistered in the store", name)
+        with self._lock:
+            self._live = live
+            self._count_resident()
+        complete = True
+        for name in self._to_preload(live):
+            version, entry = live[name]
+            try:
+                self._load(name, version, entry, keep_serving=False)
+            except StoreUnavailable as exc:  # I/O (EIO, ESTALE, a lost network): never a bad task
+                complete = False
+                log.warning("task %s version %d: store unavailable, will retry: %s", name, version, exc)
+            except TaskNotFound:
+                pass  # a bad artifact: recorded in `failed`, the previous version (if any) kept
+        for name in {t.name for t in self.tasks()} - set(index.tasks):  # resident, never in the index
+            self._deactivate(name)
         self._forget_failures_except(set(index.tasks))
         if complete:
             self._applied_tag = tag
@@ -262,7 +293,7 @@ class Engine:
         return complete
 
     def load_store(self) -> None:
-        """Start-up: serve every stored task that loads; the others are listed in `failed`."""
+        """Start-up: read the index, load what PIGGYBACK_PRELOAD asks for; a bad one is listed in `failed`."""
         self.sync_with_store()
 
     def _record_failure(self, name: str, version: int, identity: str, exc: Exception) -> None:
@@ -285,18 +316,110 @@ class Engine:
         with self._lock:
             return self._tasks.get(name)
 
+    def _to_preload(self, live: dict[str, tuple[int, StoredVersion]]) -> list[str]:
+        """Tasks to load now rather than on first use: pinned ones, and with PIGGYBACK_PRELOAD=all every
+        other one while the resident budget has room (a long tail beyond it loads on demand)."""
+        names = [n for n in live if n in self._pinned]
+        if self.settings.preload == "all":
+            names += [n for n in live if n not in self._pinned]
+        wanted, room = [], self._resident_budget - sum(t.nbytes for t in self.tasks())
+        for name in names:
+            version, entry = live[name]
+            if self._resident_if_current(name, version, entry) is not None:
+                continue
+            if self._failed_versions.get(name) == (version, entry.identity):
+                continue
+            if name not in self._pinned and room <= 0:
+                break
+            wanted.append(name)
+            room -= self._typical_task_bytes()
+        return wanted
+
+    def _typical_task_bytes(self) -> int:
+        resident = self.tasks()
+        return sum(t.nbytes for t in resident) // len(resident) if resident else 0
+
+    def _resident_if_current(self, name: str, version: int, entry: StoredVersion) -> LoadedTask | None:
+        with self._lock:
+            task = self._tasks.get(name)
+            if task is None or task.version != version or entry.identity not in ("", task.identity):
+                return None
+            self._tasks.move_to_end(name)
+            return task
+
+    def resident_task(self, name: str) -> LoadedTask | None:
+        """The task if it is resident at its live version (no I/O: safe on an event loop), else None."""
+        live = self._live.get(name)
+        return self._resident_if_current(name, *live) if live is not None else None
+
     def task(self, name: str) -> LoadedTask:
-        task = self._task_or_none(name)
-        if task is None:
-            why = self.failed.get(name)
-            if why is not None:
-                raise TaskNotFound(f"task {name!r} is stored but this server cannot serve it: {why}")
-            raise TaskNotFound(f"no task named {name!r}; GET /tasks lists the registered ones")
-        return task
+        """The live version of a registered task, loaded first if it is cold (blocking: store I/O and a
+        proof forward). Concurrent first requests for one task share one load."""
+        live = self._live.get(name)
+        if live is None:
+            raise self._not_found(name)
+        return self._resident_if_current(name, *live) or self._load(name, *live)
+
+    def _load(self, name: str, version: int, entry: StoredVersion, keep_serving: bool = True) -> LoadedTask:
+        """Load the live version. When it cannot be (I/O, a bad artifact) and `keep_serving`, an older
+        version still resident here is returned instead; else the error is raised."""
+        with self._lock:
+            gate = self._loading.setdefault(name, threading.Lock())
+        with gate:
+            resident = self._resident_if_current(name, version, entry)
+            if resident is not None:  # another request loaded it meanwhile
+                return resident
+            kept = self._task_or_none(name) if keep_serving else None  # served while the new one cannot be
+            if self._failed_versions.get(name) == (version, entry.identity):
+                if kept is not None:
+                    return kept
+                raise self._not_found(name)
+            started = time.perf_counter()
+            try:
+                task = self.prepare(self.store.load(name, version, entry))
+            except (StoreUnavailable, OSError) as exc:
+                if kept is not None:
+                    return kept
+                raise StoreUnavailable(
+                    f"task {name!r} version {version} cannot be read from the store now: {exc}"
+                ) from exc
+            except Exception as exc:  # an artifact that does not parse, match this backbone, or run
+                self._record_failure(name, version, entry.identity, exc)
+                if kept is not None:
+                    return kept
+                raise self._not_found(name) from exc
+            self._install(task, allow_older=True)
+            self.metrics.cold_loads.observe(time.perf_counter() - started)
+            log.info("task %s version %d loaded (%.0f ms)", name, version, (time.perf_counter() - started) * 1000)
+            return task
+
+    def _not_found(self, name: str) -> TaskNotFound:
+        why = self.failed.get(name)
+        if why is not None:
+            return TaskNotFound(f"task {name!r} is stored but this server cannot serve it: {why}")
+        return TaskNotFound(f"no task named {name!r}; GET /tasks lists the registered ones")
+
+    def stored_manifest(self, name: str) -> Manifest:
+        """The live version's manifest from the store, without loading the task here."""
+        live = self._live.get(name)
+        if live is None:
+            raise self._not_found(name)
+        version, entry = live
+        return self.store.load(name, version, entry).manifest
 
     def tasks(self) -> list[LoadedTask]:
+        """The resident tasks, by name."""
         with self._lock:
             return sorted(self._tasks.values(), key=lambda t: t.manifest.task)
+
+    def servable_count(self) -> int:
+        """Registered tasks a request can get: all but the failed ones, unless an older version is resident."""
+        resident = {t.name for t in self.tasks()}
+        return sum(1 for name in self._live if name not in self.failed or name in resident)
+
+    def registered(self) -> dict[str, tuple[int, StoredVersion]]:
+        """Every registered task (resident or not): its live version and the index entry naming it."""
+        return dict(self._live)
 
     def is_current(self, task: LoadedTask) -> bool:
         with self._lock:

@@ -48,6 +48,21 @@ class Metrics:
         )
         self.inflight = Gauge("piggyback_inflight_requests", "Predict requests being served", registry=r)
         self.registered_tasks = Gauge("piggyback_registered_tasks", "Tasks currently registered", registry=r)
+        self.resident_tasks = Gauge(
+            "piggyback_resident_tasks", "Registered tasks loaded on this replica's device", registry=r
+        )
+        self.resident_bytes = Gauge(
+            "piggyback_resident_bytes", "Device bytes of the resident tasks' masks, BN and heads", registry=r
+        )
+        self.cold_loads = Histogram(
+            "piggyback_cold_load_seconds",
+            "Loading a task on its first use here: read, checksums, proof forward, to the device",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.resident_evictions = Counter(
+            "piggyback_resident_evictions", "Tasks unloaded to keep within PIGGYBACK_RESIDENT_BUDGET_MB", registry=r
+        )
         self.errors = Counter("piggyback_errors", "Client and server errors by kind", ["kind"], registry=r)
         self.cache_events = Counter(
             "piggyback_task_cache_events",

@@ -51,6 +51,7 @@ from mask_store import TaskNotFound
 from service.admin_auth import ADMIN_PREFIX, admin_refusal
 from service.app import create_app
 from service.asgi import error_key_for
+from service.deps import serving_task
 from service.errors import NotReady
 from service.prediction_limit import PREDICTION_PATH
 from service.settings import Settings
@@ -135,7 +136,7 @@ class PiggybackReplica:
         engine = self.service.state.engine
         if engine is None:
             raise NotReady("replica still loading")
-        return engine.task(name).manifest.task
+        return (await serving_task(engine, name)).manifest.task
 
     async def forward(self, request: dict) -> dict:
         """Serve one HTTP request (as sent by `TaskRouter`) through this replica's app."""

@@ -72,6 +72,17 @@ class TaskInfo(BaseModel):
         )
 
 
+class RegisteredTask(BaseModel):
+    """A stored task not loaded on this replica yet: it loads on its first request (`GET /tasks/{name}`
+    describes it in full)."""
+
+    name: str
+    status: Literal["registered"] = "registered"
+    version: int
+    identity: str
+    resident: bool = False
+
+
 class FailedTask(BaseModel):
     """A stored task this replica does not serve: its artifact failed to load or to run."""
 

@@ -31,6 +31,18 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="backbone dtype on device")
     kernel: Literal["auto", "torch", "cpu", "triton"] = Field("auto", description="mask-apply implementation")
     cache_budget_mb: float = Field(1024, ge=0, description="materialized task weights kept; 0 = apply per request")
+    resident_budget_mb: float = Field(
+        2048,
+        gt=0,
+        allow_inf_nan=False,
+        description="device memory for resident tasks (masks, BN, heads); least recently used ones are unloaded",
+    )
+    preload: Literal["all", "pinned"] = Field(
+        "all",
+        description="tasks loaded before use: every one (within the resident budget), or only PIGGYBACK_PINNED_TASKS; "
+        "the others load on their first request",
+    )
+    pinned_tasks: str = Field("", description="comma-separated task names always kept resident, loaded at start-up")
     torch_threads: int = Field(
         0, ge=0, description="CPU threads per forward; 0 = torch's default (OMP_NUM_THREADS, else every core)"
     )
@@ -89,6 +101,9 @@ class Settings(BaseSettings):
         if len(value) < 16:
             raise ValueError("PIGGYBACK_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
         return SecretStr(value)
+
+    def pinned(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.pinned_tasks.split(",") if name.strip())
 
     def queue_bound(self) -> int:
         """Images allowed to wait: by default four full batches, enough to keep the engine busy."""

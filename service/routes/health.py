@@ -23,7 +23,12 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
     if state.ready.is_set():
         engine = state.engine
-        body = {"status": "ready", "tasks": len(engine.tasks()), "failed_tasks": dict(engine.failed)}
+        body = {
+            "status": "ready",
+            "tasks": engine.servable_count(),
+            "resident_tasks": len(engine.tasks()),
+            "failed_tasks": dict(engine.failed),
+        }
         if engine.store_problem is not None:  # still serving what it has: ready, and saying why it cannot follow
             body["store_problem"] = engine.store_problem
         return JSONResponse(body)

@@ -9,12 +9,12 @@ import torch
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import EngineDep, PredictionDep
+from service.deps import EngineDep, PredictionDep, serving_task
 from service.engine import Engine, LoadedTask
 from service.errors import PayloadTooLarge
 from service.images import images_to_batch
 from service.prediction_metrics import observed_prediction
-from service.schemas import FailedTask, Prediction, PredictResponse, ScoredLabel, TaskInfo
+from service.schemas import FailedTask, Prediction, PredictResponse, RegisteredTask, ScoredLabel, TaskInfo
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -22,34 +22,49 @@ router = APIRouter(prefix="/tasks", tags=["tasks"])
 MAX_PAGE = 1000
 
 
-@router.get("", response_model=list[TaskInfo | FailedTask])
+@router.get("", response_model=list[TaskInfo | RegisteredTask | FailedTask])
 def list_tasks(
     engine: EngineDep,
     response: Response,
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="tasks per page")] = MAX_PAGE,
     after: Annotated[str | None, Query(description="the last name of the previous page")] = None,
-) -> list[TaskInfo | FailedTask]:
-    """Stored tasks by name, served or failed on this replica (with the reason), a page at a time:
-    `X-Total-Count` says how many there are, and `Link: <...>; rel="next"` names the next page."""
-    serving = {task.manifest.task: task for task in engine.tasks()}
-    failed = {name: why for name, why in engine.failed.items() if name not in serving}
-    names = sorted({*serving, *failed})
+) -> list[TaskInfo | RegisteredTask | FailedTask]:
+    """Stored tasks by name, a page at a time: resident ones described in full, cold ones by version and
+    identity, failed ones with the reason. `X-Total-Count` says how many there are, and
+    `Link: <...>; rel="next"` names the next page."""
+    registered = engine.registered()
+    failed = dict(engine.failed)
+    names = sorted({*registered, *failed})
     start = bisect.bisect_right(names, after) if after is not None else 0
     page = names[start : start + limit]
     response.headers["X-Total-Count"] = str(len(names))
     if start + limit < len(names):
         following = request.url.include_query_params(limit=limit, after=page[-1])
         response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
-    return [
-        _describe(engine, serving[name]) if name in serving else FailedTask(name=name, error=failed[name])
-        for name in page
-    ]
+    return [_listed(engine, name, registered.get(name), failed.get(name)) for name in page]
+
+
+def _listed(engine: Engine, name: str, live, failure: str | None) -> TaskInfo | RegisteredTask | FailedTask:
+    resident = engine.resident_task(name)
+    if resident is not None:
+        return _describe(engine, resident)
+    if failure is not None or live is None:
+        return FailedTask(name=name, error=failure or "not in the store's index")
+    version, entry = live
+    return RegisteredTask(name=name, version=version, identity=entry.identity)
 
 
 @router.get("/{name}", response_model=TaskInfo)
-def describe_task(name: str, engine: EngineDep) -> TaskInfo:
-    return _describe(engine, engine.task(name))
+async def describe_task(name: str, engine: EngineDep) -> TaskInfo:
+    """A resident task as it is served; a cold one from its stored artifact, without loading it here."""
+    resident = engine.resident_task(name)
+    if resident is not None:
+        return _describe(engine, resident)
+    manifest = await run_in_threadpool(engine.stored_manifest, name)
+    info = TaskInfo.from_manifest(manifest)
+    info.resident = False
+    return info
 
 
 def _describe(engine: Engine, task: LoadedTask) -> TaskInfo:
@@ -90,7 +105,7 @@ async def predict(
 ) -> PredictResponse:
     batcher, settings = prediction.batcher, prediction.settings
     with observed_prediction(prediction.metrics, name) as record:
-        task = prediction.engine.task(name)  # this version serves the request even if replaced or removed meanwhile
+        task = await serving_task(prediction.engine, name)  # this version serves it even if replaced meanwhile
         record.task_known = True
         blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
         with batcher.admission(len(blobs)):  # refused before a decode is spent on it; decodes count as queued

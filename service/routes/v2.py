@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store import TaskNotFound
 from service.asgi import RefusedMidBody
-from service.deps import EngineDep, Prediction, PredictionDep
+from service.deps import EngineDep, Prediction, PredictionDep, serving_task
 from service.engine import Engine, LoadedTask
 from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
 from service.images import images_to_batch
@@ -87,8 +87,8 @@ class V2Route(APIRoute):
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], route_class=V2Route)
 
 
-def _model(engine: Engine, name: str, version: str | None) -> LoadedTask:
-    task = engine.task(name)
+async def _model(engine: Engine, name: str, version: str | None) -> LoadedTask:
+    task = await serving_task(engine, name)
     if version is not None and version != str(task.manifest.version):
         raise TaskNotFound(f"model {name!r} has no version {version!r}; it serves version {task.manifest.version}")
     return task
@@ -124,23 +124,23 @@ def _metadata(task: LoadedTask) -> dict:
 
 
 @router.get("/models/{name}")
-def model_metadata(name: str, engine: EngineDep) -> dict:
-    return _metadata(_model(engine, name, None))
+async def model_metadata(name: str, engine: EngineDep) -> dict:
+    return _metadata(await _model(engine, name, None))
 
 
 @router.get("/models/{name}/versions/{version}")
-def model_version_metadata(name: str, version: str, engine: EngineDep) -> dict:
-    return _metadata(_model(engine, name, version))
+async def model_version_metadata(name: str, version: str, engine: EngineDep) -> dict:
+    return _metadata(await _model(engine, name, version))
 
 
 @router.get("/models/{name}/ready")
-def model_ready(name: str, engine: EngineDep) -> dict:
-    return {"name": _model(engine, name, None).manifest.task, "ready": True}
+async def model_ready(name: str, engine: EngineDep) -> dict:
+    return {"name": (await _model(engine, name, None)).manifest.task, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready")
-def model_version_ready(name: str, version: str, engine: EngineDep) -> dict:
-    return {"name": _model(engine, name, version).manifest.task, "ready": True}
+async def model_version_ready(name: str, version: str, engine: EngineDep) -> dict:
+    return {"name": (await _model(engine, name, version)).manifest.task, "ready": True}
 
 
 def _image_blobs(tensor: InputTensor, max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
@@ -204,7 +204,7 @@ def _outputs(request_outputs, default_binary: bool, probabilities: torch.Tensor,
 async def _infer(name: str, version: str | None, request: Request, prediction: Prediction) -> Response:
     engine, batcher, settings = prediction.engine, prediction.batcher, prediction.settings
     with observed_prediction(prediction.metrics, name) as record:
-        task = _model(engine, name, version)  # the request keeps this version even if it is replaced meanwhile
+        task = await _model(engine, name, version)  # the request keeps this version even if it is replaced meanwhile
         record.task_known = True
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
