@@ -23,6 +23,7 @@ listing them; the first write records them in a new index. The store never touch
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import re
@@ -80,6 +81,19 @@ class Published:
     tag: str | None
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Parsing a 10,000-task index allocates tens of thousands of objects and no garbage; left on, the
+    cyclic collector runs full passes over the whole process meanwhile (measured: 250 ms instead of 20)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _names(index: StoreIndex, name: str, version: int, entry: StoredVersion) -> bool:
     """Whether `index` names exactly this artifact as the task's live version."""
     return index.live(name) == (version, entry)
@@ -113,7 +127,8 @@ class TaskStore:
             return self._index_from_listing(), None
         data, tag = found
         try:
-            return StoreIndex.model_validate_json(data), tag
+            with _collector_paused():
+                return StoreIndex.model_validate_json(data), tag
         except ValidationError as exc:
             raise StoreUnavailable(f"the store index {INDEX_KEY} in {self.url} is damaged: {exc}") from exc
 
@@ -157,14 +172,17 @@ class TaskStore:
         log.warning("rebuilt the index of %s: %d tasks, generation %d", self.url, len(tasks), index.generation)
         return index
 
-    def _update_index(self, change: Callable[[StoreIndex], bool | None]) -> tuple[StoreIndex, str | None]:
+    def _update_index(
+        self, change: Callable[[StoreIndex], bool | None], known: tuple[StoreIndex, str | None] | None = None
+    ) -> tuple[StoreIndex, str | None]:
         """Apply `change` to the latest index and publish it; retried when another writer won.
 
         Returns the published index and its tag. `change` may refuse (raise) after seeing the latest
         state, or return False when the index already says what it wants: nothing is written then.
+        `known`: an index and tag just read, tried first (the compare-and-swap refuses it if stale).
         """
         for attempt in range(PUBLISH_ATTEMPTS):
-            index, tag = self.read_index()
+            index, tag = known if attempt == 0 and known is not None else self.read_index()
             if change(index) is False:
                 return index, tag
             index.generation += 1
@@ -273,7 +291,7 @@ class TaskStore:
             index.tasks.setdefault(name, {})[version] = entry
 
         try:
-            index, tag = self._update_index(publish)
+            index, tag = self._update_index(publish, known=(index, tag))
         except TaskVersionExists:  # lost a race to an equal or higher version: leave no trace
             self._delete_unnamed(key)
             raise

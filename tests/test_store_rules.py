@@ -106,7 +106,7 @@ KILL_BEFORE_PUBLISH = """
 import os, signal, sys
 from mask_store import TaskStore
 store = TaskStore(sys.argv[1])
-store._update_index = lambda change: os.kill(os.getpid(), signal.SIGKILL)  # die between write and publish
+store._update_index = lambda change, **_: os.kill(os.getpid(), signal.SIGKILL)  # die between write and publish
 store.put(open(sys.argv[2], "rb").read())
 """
 
