@@ -76,6 +76,10 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Every key that starts with `prefix`, sorted."""
 
+    @abstractmethod
+    def modified(self, key: str) -> float | None:
+        """When the object was last written (seconds since the epoch), or None when it does not exist."""
+
     def writable_check(self) -> None:  # noqa: B027 (optional hook; most backends learn it on the first write)
         """Raise StoreUnavailable naming the setting to fix when the store cannot be written."""
 
@@ -128,6 +132,12 @@ class LocalObjects(ObjectStore):
         all three, and a replica would miss a change. The index is small: hashing it is a poll's cost."""
         found = self.get_tagged(key)
         return None if found is None else found[1]
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return os.stat(self._path(key)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)

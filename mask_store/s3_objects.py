@@ -159,6 +159,17 @@ class S3Objects(ObjectStore):
         except botocore.exceptions.BotoCoreError as exc:
             raise self._unavailable(exc, "HeadObject", key) from exc
 
+    def modified(self, key: str) -> float | None:
+        name = self.prefix + _check_key(key)
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=name)["LastModified"].timestamp()
+        except botocore.exceptions.ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise self._unavailable(exc, "HeadObject", key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._unavailable(exc, "HeadObject", key) from exc
+
     def put(self, key: str, data: bytes) -> None:
         name = self.prefix + _check_key(key)
         self._call("PutObject", key, self._client.put_object, Bucket=self.bucket, Key=name, Body=data)

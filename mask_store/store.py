@@ -330,6 +330,25 @@ class TaskStore:
         if not any(entry.key == key for versions in index.tasks.values() for entry in versions.values()):
             self.objects.delete(key)
 
+    def sweep_unnamed(self, grace_s: float) -> list[str]:
+        """Delete task objects no index names that are older than `grace_s` (a writer killed between
+        writing its object and publishing it); younger ones may belong to a publish under way. Returns
+        the keys deleted. Needs an index: with none, every object is unnamed and nothing is touched."""
+        index, tag = self.read_index()
+        if tag is None:
+            return []
+        named = {entry.key for versions in index.tasks.values() for entry in versions.values()}
+        now, swept = time.time(), []
+        for key in self.objects.list():
+            if not CURRENT_KEY.match(key) or key in named:
+                continue
+            written = self.objects.modified(key)
+            if written is not None and now - written > grace_s:
+                self.objects.delete(key)
+                swept.append(key)
+                log.warning("removed %s from %s: no index names it, written %.0f s ago", key, self.url, now - written)
+        return swept
+
     def withdraw(self, name: str, version: int) -> None:
         """Undo a put whose activation failed: the version leaves the index, then its object goes."""
         removed: list[StoredVersion] = []

@@ -3,17 +3,21 @@
 A daemon thread calls `Engine.sync_with_store` every `PIGGYBACK_STORE_POLL_S`: one cheap read of the
 store index's tag when nothing changed. Errors (a store that is briefly unreachable) are logged and
 counted, and shown by `/readyz` as `store_problem` until a poll succeeds; the replica keeps serving
-what it has (it stays ready) and tries again at the next tick.
+what it has (it stays ready) and tries again at the next tick. Every ten minutes it also removes task
+objects that no index names and that are over an hour old (`TaskStore.sweep_unnamed`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from service.engine import Engine
 
 log = logging.getLogger("piggyback.store_watcher")
+SWEEP_EVERY_S = 600
+UNNAMED_GRACE_S = 3600  # a publish follows its object write within seconds: an hour-old unnamed one is a leftover
 
 
 class StoreWatcher:
@@ -31,7 +35,11 @@ class StoreWatcher:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
         while not self._stop.wait(self.interval_s):
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
+                self._sweep()
             try:
                 self.engine.sync_with_store()
                 self.engine.store_problem = None
@@ -40,3 +48,12 @@ class StoreWatcher:
                 if self.engine.store_problem != str(exc):  # logged once per problem, counted every poll
                     log.warning("store poll failed, serving what this replica has: %s", exc)
                 self.engine.store_problem = str(exc)
+
+    def _sweep(self) -> None:
+        """Objects a writer left unnamed (killed before publishing) go after a grace period; any replica
+        may do it, and two doing it at once is harmless."""
+        try:
+            self.engine.store.sweep_unnamed(UNNAMED_GRACE_S)
+        except Exception as exc:  # a read-only store, say: the objects stay, serving goes on
+            self.engine.metrics.store_sync_errors.labels(kind=f"sweep:{type(exc).__name__}").inc()
+            log.warning("could not sweep unnamed objects from the store: %s", exc)

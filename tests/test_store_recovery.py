@@ -176,3 +176,16 @@ def test_a_registration_racing_its_own_store_poll_never_goes_back(store_location
     assert engine.task("from-a").version == 1 and engine.task("from-b").version == 1
     assert engine.sync_with_store() is True
     assert engine.task("from-a").version == 1
+
+
+def test_unnamed_objects_are_swept_after_the_grace_period_and_named_ones_never(store_location, artifacts):
+    store = TaskStore(store_location[1])
+    store.put(artifacts[1])
+    named = stored_keys(store)
+    leftover = "t/00000002-0123456789abcdef.safetensors"  # a writer killed between its write and its publish
+    store.objects.put(leftover, artifacts[2])
+    assert store.sweep_unnamed(grace_s=3600) == []  # young: perhaps a publish under way
+    assert stored_keys(store) == named | {leftover}
+    time.sleep(1.1)
+    assert store.sweep_unnamed(grace_s=1) == [leftover]
+    assert stored_keys(store) == named and store.live_tasks()["t"].version == 1
