@@ -148,10 +148,11 @@ class S3Objects(ObjectStore):
         except botocore.exceptions.BotoCoreError as exc:  # includes a body cut off mid-read
             raise self._unavailable(exc, "GetObject", key) from exc
 
-    def tag(self, key: str) -> str | None:
+    def _head(self, key: str) -> dict | None:
+        """The object's metadata (one HeadObject), or None when it does not exist."""
         name = self.prefix + _check_key(key)
         try:
-            return self._client.head_object(Bucket=self.bucket, Key=name)["ETag"]
+            return self._client.head_object(Bucket=self.bucket, Key=name)
         except botocore.exceptions.ClientError as exc:
             if self._missing(exc):
                 return None
@@ -159,16 +160,13 @@ class S3Objects(ObjectStore):
         except botocore.exceptions.BotoCoreError as exc:
             raise self._unavailable(exc, "HeadObject", key) from exc
 
+    def tag(self, key: str) -> str | None:
+        head = self._head(key)
+        return None if head is None else head["ETag"]
+
     def modified(self, key: str) -> float | None:
-        name = self.prefix + _check_key(key)
-        try:
-            return self._client.head_object(Bucket=self.bucket, Key=name)["LastModified"].timestamp()
-        except botocore.exceptions.ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise self._unavailable(exc, "HeadObject", key) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise self._unavailable(exc, "HeadObject", key) from exc
+        head = self._head(key)
+        return None if head is None else head["LastModified"].timestamp()
 
     def put(self, key: str, data: bytes) -> None:
         name = self.prefix + _check_key(key)

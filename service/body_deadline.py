@@ -17,20 +17,11 @@ import time
 
 from service.admin_auth import ADMIN_PREFIX
 from service.asgi import RefusedMidBody, has_body, run_refusing_mid_body
+from service.deadlines import requested_timeout
 
 
 class BodyTimedOut(RefusedMidBody):
     pass
-
-
-def _client_timeout(scope) -> float | None:
-    """The client's `X-Request-Timeout` seconds when it is a sane number (the route validates it again)."""
-    raw = next((v for k, v in scope["headers"] if k == b"x-request-timeout"), None)
-    try:
-        seconds = float(raw) if raw is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds > 0 else None
 
 
 class BodyDeadline:
@@ -45,7 +36,8 @@ class BodyDeadline:
     def _refusal(self, scope) -> tuple[float, BodyTimedOut]:
         """When the body must be complete, and the answer if it is not."""
         arrived = scope.get("state", {}).get("arrived", time.monotonic())
-        request_s = min(self.request_timeout_s, _client_timeout(scope) or math.inf)
+        asked = requested_timeout(next((v for k, v in scope["headers"] if k == b"x-request-timeout"), None))
+        request_s = min(self.request_timeout_s, asked or math.inf)
         if self.body_timeout_s <= request_s:
             detail = f"request body not received within {self.body_timeout_s:g} s (PIGGYBACK_BODY_TIMEOUT_S)"
             return arrived + self.body_timeout_s, BodyTimedOut(408, detail, "BodyTimeout")

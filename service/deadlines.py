@@ -7,11 +7,22 @@ dropped before the forward in one place.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
+
+
+def requested_timeout(raw: str | bytes | None) -> float | None:
+    """A client's `X-Request-Timeout` in seconds when it is a finite positive number, else None (the
+    route's own validation then answers a malformed one with 422)."""
+    try:
+        seconds = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds > 0 else None
 
 
 @dataclass(frozen=True)

@@ -187,18 +187,22 @@ class Engine:
     def _evict_beyond_budget(self, keep: str) -> list[LoadedTask]:
         """Unload least recently used tasks (never pinned ones, nor `keep`) until the resident ones fit
         the budget; the caller holds the registry lock. Requests holding an evicted task still finish."""
-        evicted = []
+        evicted, resident = [], self._resident_bytes()
         for name in list(self._tasks):
-            if sum(t.nbytes for t in self._tasks.values()) <= self._resident_budget:
+            if resident <= self._resident_budget:
                 break
             if name != keep and name not in self._pinned:
                 evicted.append(self._tasks.pop(name))
+                resident -= evicted[-1].nbytes
                 self.metrics.resident_evictions.inc()
         return evicted
 
+    def _resident_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tasks.values())
+
     def _count_resident(self) -> None:
         self.metrics.resident_tasks.set(len(self._tasks))
-        self.metrics.resident_bytes.set(sum(t.nbytes for t in self._tasks.values()))
+        self.metrics.resident_bytes.set(self._resident_bytes())
         self.metrics.registered_tasks.set(len(self._live))
 
     def _deactivate(self, name: str) -> None:
@@ -279,6 +283,8 @@ class Engine:
             self._count_resident()
         complete = True
         for name in self._to_preload(live):
+            if name not in self._pinned and self._resident_bytes() >= self._resident_budget:
+                break  # full: the rest load on their first request
             version, entry = live[name]
             try:
                 self._load(name, version, entry, keep_serving=False)
@@ -320,27 +326,17 @@ class Engine:
             return self._tasks.get(name)
 
     def _to_preload(self, live: dict[str, tuple[int, StoredVersion]]) -> list[str]:
-        """Tasks to load now rather than on first use: pinned ones, and with PIGGYBACK_PRELOAD=all every
-        other one while the resident budget has room (a long tail beyond it loads on demand)."""
+        """Tasks to load now rather than on first use: pinned ones first, then with PIGGYBACK_PRELOAD=all
+        every other one (the caller stops at the resident budget: a long tail beyond it loads on demand)."""
         names = [n for n in live if n in self._pinned]
         if self.settings.preload == "all":
             names += [n for n in live if n not in self._pinned]
-        wanted, room = [], self._resident_budget - sum(t.nbytes for t in self.tasks())
-        for name in names:
-            version, entry = live[name]
-            if self._resident_if_current(name, version, entry) is not None:
-                continue
-            if self._failed_versions.get(name) == (version, entry.identity):
-                continue
-            if name not in self._pinned and room <= 0:
-                break
-            wanted.append(name)
-            room -= self._typical_task_bytes()
-        return wanted
-
-    def _typical_task_bytes(self) -> int:
-        resident = self.tasks()
-        return sum(t.nbytes for t in resident) // len(resident) if resident else 0
+        return [
+            name
+            for name in names
+            if self._resident_if_current(name, *live[name]) is None
+            and self._failed_versions.get(name) != (live[name][0], live[name][1].identity)
+        ]
 
     def _resident_if_current(self, name: str, version: int, entry: StoredVersion) -> LoadedTask | None:
         with self._lock:

@@ -51,6 +51,7 @@ from mask_store import TaskNotFound
 from service.admin_auth import ADMIN_PREFIX, admin_refusal
 from service.app import create_app
 from service.asgi import error_key_for
+from service.deadlines import requested_timeout
 from service.deps import serving_task
 from service.errors import NotReady
 from service.prediction_limit import PREDICTION_PATH
@@ -271,16 +272,11 @@ class TaskRouter:
         """
         if request.method != "POST" or not PREDICTION_PATH.match(request.url.path):
             return None
-        seconds = self.settings.request_timeout_s
-        if (asked := request.headers.get("x-request-timeout")) is not None:
-            try:
-                asked_s = float(asked)
-            except ValueError:
-                return None
-            if not math.isfinite(asked_s) or asked_s <= 0:
-                return None
-            seconds = min(seconds, asked_s)
-        return arrived + seconds
+        raw = request.headers.get("x-request-timeout")
+        asked = requested_timeout(raw)
+        if raw is not None and asked is None:
+            return None
+        return arrived + min(self.settings.request_timeout_s, asked or math.inf)
 
     async def forward(self, request: Request, arrived: float) -> Response:
         if (refusal := self._refusal(request)) is not None:

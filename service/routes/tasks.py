@@ -9,6 +9,7 @@ import torch
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from mask_store.store import StoredVersion
 from service.deps import EngineDep, PredictionDep, serving_task
 from service.engine import Engine, LoadedTask
 from service.errors import PayloadTooLarge
@@ -45,7 +46,9 @@ def list_tasks(
     return [_listed(engine, name, registered.get(name), failed.get(name)) for name in page]
 
 
-def _listed(engine: Engine, name: str, live, failure: str | None) -> TaskInfo | RegisteredTask | FailedTask:
+def _listed(
+    engine: Engine, name: str, live: tuple[int, StoredVersion] | None, failure: str | None
+) -> TaskInfo | RegisteredTask | FailedTask:
     resident = engine.resident_task(name)
     if resident is not None:
         return _describe(engine, resident)
