@@ -26,9 +26,11 @@ def random_task_artifact(
     per_task_bn: bool = True,
     preprocess: Preprocess = SMALL_GRAY,
     layout: BackboneLayout | None = None,
+    finetuned: tuple[str, ...] = (),
 ) -> TaskArtifact:
     """Masks keeping `density` of the weights at random (ternary: 20% of kept ones negated),
-    a random head, and random per-task BatchNorm parameters and statistics."""
+    a random head, and random per-task BatchNorm parameters and statistics. Layers in `finetuned`
+    get their own weights and an all-ones mask, as the "mixed" training method exports them."""
     generator = torch.Generator().manual_seed(seed)
     layout = layout or BackboneLayout.from_model(arch, model)
     masks = {}
@@ -37,11 +39,16 @@ def random_task_artifact(
         if kind == "ternary":
             keep = keep * torch.where(torch.rand(module.weight.shape, generator=generator) < 0.2, -1.0, 1.0)
         masks[name] = keep
+        if name in finetuned:
+            masks[name] = torch.ones_like(keep)
     in_features = layout.state_shapes[f"{layout.head}.weight"][1]
     tensors = {
         f"{layout.head}.weight": torch.randn(len(labels), in_features, generator=generator),
         f"{layout.head}.bias": torch.randn(len(labels), generator=generator),
     }
+    for name in finetuned:
+        weight = model.get_submodule(name).weight
+        tensors[f"{name}.weight"] = weight.detach() * (1 + 0.1 * torch.randn(weight.shape, generator=generator))
     if per_task_bn:
         for name, module in model.named_modules():
             if isinstance(module, nn.BatchNorm2d):

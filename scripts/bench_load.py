@@ -102,13 +102,15 @@ def register_tasks(base: str, backbone_name: str, weights: str, names: list[str]
 
 
 def scrape(base: str) -> dict[str, float]:
-    """Sums of the metric families the benchmarks read."""
+    """Sums of the metric families the benchmarks read, and each labelled series on its own."""
     totals: Counter = Counter()
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         if line.startswith("#") or not line:
             continue
-        name = line.split("{")[0].split(" ")[0]
-        totals[name] += float(line.rsplit(" ", 1)[1])
+        series, value = line.rsplit(" ", 1)
+        totals[series.split("{")[0]] += float(value)
+        if "{" in series:
+            totals[series] = float(value)
     return dict(totals)
 
 
@@ -151,7 +153,19 @@ async def drive(base: str, tasks: list[str], concurrency: int, seconds: float, i
         "busy": delta.get("piggyback_engine_busy_seconds_total", delta.get("piggyback_forward_seconds_sum", 0.0))
         / elapsed,
         "mean_batch": delta.get("piggyback_batch_size_sum", 0.0) / batches if batches else 0.0,
+        # forwards and tasks per forward (servers before mixed batches: one task per forward)
+        "forwards": delta.get("piggyback_batch_tasks_count", batches),
+        "mixed_share": _mixed_share(before, after),
+        "tasks_per_forward": delta.get("piggyback_batch_tasks_sum", batches)
+        / max(delta.get("piggyback_batch_tasks_count", batches), 1),
     }
+
+
+def _mixed_share(before: dict, after: dict) -> float:
+    """Fraction of forwards that ran several tasks at once."""
+    key = 'piggyback_batch_tasks_count{path="mixed"}'
+    total = after.get("piggyback_batch_tasks_count", 0.0) - before.get("piggyback_batch_tasks_count", 0.0)
+    return (after.get(key, 0.0) - before.get(key, 0.0)) / total if total else 0.0
 
 
 def raw_forward_rate(backbone_name: str, weights: str, size: int, batch: int, seconds: float = 5.0) -> float:
@@ -202,6 +216,8 @@ def main() -> int:
     parser.add_argument("--cache-mb", type=float, default=1024, help="server's task-weight cache; 0 = per request")
     parser.add_argument("--kernel", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--mixed", choices=["auto", "always", "off"], default="auto",
+                        help="PIGGYBACK_MIXED_BATCHES: images of different tasks in one forward")  # fmt: skip
     parser.add_argument("--torch-threads", type=int, default=0, help="PIGGYBACK_TORCH_THREADS; 0 = default")
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of the server (one per run)")
     args = parser.parse_args()
@@ -211,7 +227,8 @@ def main() -> int:
     names = [f"task{i:02d}" for i in range(args.tasks)]
     image = png_bytes(seed=0, size=args.image_size, mode="L" if args.image_size < 64 else "RGB")
     env = {"PIGGYBACK_CACHE_BUDGET_MB": str(args.cache_mb), "PIGGYBACK_KERNEL": args.kernel,
-           "PIGGYBACK_DEVICE": args.device, "PIGGYBACK_TORCH_THREADS": str(threads)}  # fmt: skip
+           "PIGGYBACK_DEVICE": args.device, "PIGGYBACK_TORCH_THREADS": str(threads),
+           "PIGGYBACK_MIXED_BATCHES": args.mixed}  # fmt: skip
     with running_server(args.backbone, args.weights, env) as (server, base, weights):
         register_ms = register_tasks(base, args.backbone, weights, names, args.image_size, image)
         # raw forwards at full priority while the server idles (its weights file lives only as long as it does)
@@ -235,18 +252,23 @@ def main() -> int:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
         f"torch {torch.__version__}, {threads} threads (server and raw forward); backbone {args.backbone} at "
-        f"{args.image_size}px; cache {args.cache_mb} MB, kernel {args.kernel}, concurrency {args.concurrency}, "
+        f"{args.image_size}px; cache {args.cache_mb} MB, kernel {args.kernel}, mixed batches {args.mixed}, "
+        f"concurrency {args.concurrency}, "
         f"{args.seconds}s per run; client at nice 10 in the same VM"
     )
     nearest = {label: min(raw_by_batch, key=lambda b: abs(b - r["mean_batch"])) for label, r in results.items()}
     raw = {label: raw_by_batch[batch] for label, batch in nearest.items()}
     print(f"raw torch forward, images/s by batch size: { {b: round(v, 1) for b, v in raw_by_batch.items()} }")
-    print("| workload | requests | failures | req/s | p50 ms | p99 ms | mean batch | busy | raw img/s | req/s / raw |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| workload | requests | failures | req/s | p50 ms | p99 ms | images per task per forward | tasks per forward "
+        "| mixed forwards | busy | raw img/s | req/s / raw |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         print(
             f"| {label} | {r['requests']} | {r['failures']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-            f"| {r['mean_batch']:.2f} | {r['busy']:.2f} | {raw[label]:.1f} | {r['rps'] / raw[label]:.2f} |"
+            f"| {r['mean_batch']:.2f} | {r['tasks_per_forward']:.2f} | {r['mixed_share']:.0%} | {r['busy']:.2f} "
+            f"| {raw[label]:.1f} | {r['rps'] / raw[label]:.2f} |"
         )
     single, mixed = results.values()
     print(f"mixed/single throughput ratio: {mixed['rps'] / single['rps']:.3f}")

@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.prediction_limit import PredictionLimit
 from service.replica import ReplicaHeader, replica_name
 from service.request_context import RequestContext
-from service.routes import admin, health, tasks, v2
+from service.routes import admin, health, tasks, ui, v2
 from service.settings import Settings
 from service.store_watcher import StoreWatcher
 
@@ -80,9 +80,14 @@ async def lifespan(app: FastAPI):
             return
         settings = state.settings
         state.batcher = Batcher(
-            engine, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.queue_bound()
+            engine,
+            settings.max_batch_size,
+            settings.max_batch_delay_ms / 1000,
+            settings.queue_bound(),
+            mixing=settings.mixed_batches,
         )
         state.batcher.start()
+        state.batcher.calibrate(engine.tasks())  # the mixed-batch cost model, per input shape, on the engine
         state.watcher = StoreWatcher(engine, settings.store_poll_s)
         state.watcher.start()
         state.engine = engine
@@ -123,6 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(v2.router)
+    app.include_router(ui.router)
     app.state.replica = replica_name(settings.replica_id)
     _install_middleware(app, settings)
     return app

@@ -13,6 +13,10 @@ Guarantees:
 - No starvation: the next task is the one with the highest `images + age / max_delay_s`, so a
   request gains one image's worth of priority per batching delay it waits; a rare task's lone
   image is overtaken by only a bounded amount of other tasks' work.
+- Mixed batches: other tasks waiting with the same input shape and preprocessing join the chosen
+  task's forward (`Engine.forward_mixed`) where the cost model (`service.mixed_cost`) measured one
+  mixed forward cheaper than their per-task forwards; a batch holds one version of each task. An
+  input shape met for the first time is measured on the inference thread, once; until then, per task.
 The event loop only ever awaits; forwards run on the one inference thread.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -31,7 +36,10 @@ import torch
 from service.deadlines import Deadline
 from service.engine import Engine, LoadedTask
 from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.mixed_cost import MixedCostModel
+from service.mixed_forward import NotMixable
 
+log = logging.getLogger("piggyback.batcher")
 PIPELINE_DEPTH = 2  # batches handed to the inference thread: one running, one assembled and ready
 
 
@@ -52,13 +60,20 @@ class _Pending:
 
 class Batcher:
     def __init__(
-        self, engine: Engine, max_batch_size: int, max_delay_s: float, max_queued_images: int | None = None
+        self,
+        engine: Engine,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queued_images: int | None = None,
+        mixing: str = "auto",
     ) -> None:
         self.engine = engine
         self.metrics = engine.metrics
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queued_images = max_queued_images or 4 * max_batch_size
+        self.mixing = mixing  # "auto" (the cost model decides), "always" or "off"
+        self.costs = MixedCostModel(engine)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._queues: dict[LoadedTask, deque[_Pending]] = {}
         self._queued = 0  # images in self._queues
@@ -79,8 +94,21 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    async def run_in_inference_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    def calibrate(self, tasks: list[LoadedTask]) -> None:
+        """Measure the mixed-batch cost model for the input shapes of `tasks` on the inference thread
+        (start-up: the resident tasks), so the first mixed batches need not wait for it."""
+        if self.mixing != "auto":
+            return
+        by_shape: dict[tuple, list[LoadedTask]] = {}
+        for task in tasks:
+            by_shape.setdefault(task.input_shape, []).append(task)
+        for shape, same in by_shape.items():
+            self._calibrate_later(shape, same[: PIPELINE_DEPTH * 4])
+
+    def _calibrate_later(self, shape: tuple, tasks: list[LoadedTask]) -> None:
+        if self.costs.claim(shape):
+            done = asyncio.get_running_loop().run_in_executor(self.executor, self.costs.calibrate, tasks)
+            done.add_done_callback(_log_calibration_failure)
 
     @contextlib.contextmanager
     def admission(self, count: int) -> Iterator[None]:
@@ -189,19 +217,54 @@ class Batcher:
                 return key
             await self._wait_change(remaining)  # engine idle, one task: wait briefly for batch-mates
 
-    def _take_batch(self, key: LoadedTask) -> list[_Pending]:
-        queue, batch, count, now = self._queues[key], [], 0, time.monotonic()
-        while queue and (not batch or count + len(queue[0].images) <= self.max_batch_size):
-            item = queue.popleft()
-            self._queued -= len(item.images)
-            if item.deadline is not None and item.deadline <= now:
-                self.metrics.dropped_images.labels(reason="expired").inc(len(item.images))
-                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
-                continue
-            batch.append(item)
-            count += len(item.images)
-        if not queue:
-            del self._queues[key]
+    def _batch_tasks(self, key: LoadedTask) -> tuple[list[LoadedTask], int]:
+        """The chosen task alone, or with other waiting tasks of its input shape and preprocessing
+        (highest priority first, one version per task name) when one mixed forward is cheaper;
+        and how many images the batch may hold."""
+        alone = [key], self.max_batch_size
+        if self.mixing == "off":
+            return alone
+        now, names = time.monotonic(), {key.name}
+        chosen, counts = [key], [self._waiting(key)]
+        for other in sorted(self._queues, key=lambda k: -self._priority(k, now)):
+            if other.mix_key == key.mix_key and other.name not in names:
+                chosen.append(other)
+                counts.append(self._waiting(other))
+                names.add(other.name)
+        if len(chosen) == 1:
+            return alone
+        capacity = min(self.max_batch_size, self.engine.mixed_capacity(chosen))
+        chosen, counts = _fit(chosen, counts, capacity)
+        if len(chosen) == 1:
+            return alone
+        if self.mixing == "always":
+            return chosen, capacity
+        if not self.costs.known(key.input_shape):
+            self._calibrate_later(key.input_shape, chosen)
+            return alone
+        costs = self.costs.costs(key.input_shape)
+        return (chosen, capacity) if costs is not None and costs.mixed_is_faster(counts) else alone
+
+    def _waiting(self, key: LoadedTask) -> int:
+        return sum(len(p.images) for p in self._queues[key])
+
+    def _take_batch(self, tasks: list[LoadedTask], limit: int) -> list[_Pending]:
+        """Dequeue the next batch: for each of `tasks` in turn, its oldest requests, within `limit`
+        images (a lone request larger than that still goes, alone)."""
+        batch, count, now = [], 0, time.monotonic()
+        for key in tasks:
+            queue = self._queues[key]
+            while queue and (not batch or count + len(queue[0].images) <= limit):
+                item = queue.popleft()
+                self._queued -= len(item.images)
+                if item.deadline is not None and item.deadline <= now:
+                    self.metrics.dropped_images.labels(reason="expired").inc(len(item.images))
+                    item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                    continue
+                batch.append(item)
+                count += len(item.images)
+            if not queue:
+                del self._queues[key]
         self.metrics.queued_images.set(self._queued)
         return batch
 
@@ -210,27 +273,44 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             await slots.acquire()
-            batch = self._take_batch(await self._next_task())
+            batch = self._take_batch(*self._batch_tasks(await self._next_task()))
             if not batch:
                 slots.release()
                 continue
-            task, now = batch[0].task, time.monotonic()
+            now = time.monotonic()
+            groups: dict[LoadedTask, list[_Pending]] = {}
             for item in batch:
-                self.metrics.queue_wait.labels(task=task.manifest.task).observe(now - item.enqueued)
-            images = torch.cat([item.images for item in batch])  # assembled while the previous forward runs
+                self.metrics.queue_wait.labels(task=item.task.name).observe(now - item.enqueued)
+                groups.setdefault(item.task, []).append(item)
+            # assembled while the previous forward runs; `batch` in group order, as the answers come back
+            batch = [item for items in groups.values() for item in items]
+            inputs = [(task, torch.cat([item.images for item in items])) for task, items in groups.items()]
             self._running += 1
-            done = loop.run_in_executor(self.executor, self._forward, task, images)
+            done = loop.run_in_executor(self.executor, self._forward, inputs)
             done.add_done_callback(lambda result, batch=batch: self._finish(batch, result, slots))
 
-    def _forward(self, task: LoadedTask, images: torch.Tensor) -> torch.Tensor:
-        """Runs on the inference thread; the time spent here is the engine's busy time."""
+    def _forward(self, inputs: list[tuple[LoadedTask, torch.Tensor]]) -> list[torch.Tensor]:
+        """Runs on the inference thread: each group's probabilities, mixed in one forward when there are
+        several groups (per task if their tensors cannot mix). Its time is the engine's busy time."""
         started = time.perf_counter()
         try:
-            return self.engine.forward_task(task, images)
+            if len(inputs) > 1:
+                try:
+                    outputs = self.engine.forward_mixed(inputs)
+                    self.metrics.batch_tasks.labels(path="mixed").observe(len(inputs))
+                    return outputs
+                except NotMixable as exc:
+                    log.warning("these tasks cannot share a forward, running them per task: %s", exc)
+            outputs = []
+            for task, images in inputs:
+                outputs.append(self.engine.forward_task(task, images))
+                self.metrics.batch_tasks.labels(path="per_task").observe(1)
+            return outputs
         finally:
             self.metrics.engine_busy.inc(time.perf_counter() - started)
-            self.metrics.forwarded_images.labels(task=task.manifest.task).inc(len(images))
-            self.metrics.batch_size.labels(task=task.manifest.task).observe(len(images))
+            for task, images in inputs:
+                self.metrics.forwarded_images.labels(task=task.name).inc(len(images))
+                self.metrics.batch_size.labels(task=task.name).observe(len(images))
 
     def _finish(self, batch: list[_Pending], result: asyncio.Future, slots: asyncio.Semaphore) -> None:
         self._running -= 1
@@ -245,8 +325,28 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        probabilities, start = result.result(), 0
-        for item in batch:
+        answers = iter(result.result())  # one tensor per task group, items in group order
+        probabilities, start = None, 0
+        for index, item in enumerate(batch):
+            if index == 0 or item.task is not batch[index - 1].task:
+                probabilities, start = next(answers), 0
             if not item.future.done():
                 item.future.set_result(probabilities[start : start + len(item.images)])
             start += len(item.images)
+
+
+def _fit(tasks: list[LoadedTask], counts: list[int], capacity: int) -> tuple[list[LoadedTask], list[int]]:
+    """The leading tasks whose images fit `capacity` (the first one always; the last one may be cut)."""
+    kept, kept_counts, room = [], [], capacity
+    for task, count in zip(tasks, counts, strict=True):
+        if kept and room <= 0:
+            break
+        kept.append(task)
+        kept_counts.append(min(count, room) if kept_counts else count)
+        room -= count
+    return kept, kept_counts
+
+
+def _log_calibration_failure(result: asyncio.Future) -> None:
+    if not result.cancelled() and result.exception() is not None:
+        log.error("measuring mixed batches failed, that input shape runs per task: %r", result.exception())

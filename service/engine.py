@@ -41,6 +41,7 @@ from mask_store.store import IndexMissing, StoredVersion, StoreIndex
 from service.cache import TaskWeightCache
 from service.kernels.select import select_mask_apply
 from service.metrics import Metrics
+from service.mixed_forward import MixedForward
 from service.settings import Settings
 from service.tensor_swap import TensorSlots
 
@@ -60,6 +61,13 @@ class LoadedTask:
     overrides: dict[str, torch.Tensor]
     transform: object = field(repr=False)
     nbytes: int = 0  # device bytes of its own tensors: what it costs to keep it resident
+    input_shape: tuple[int, ...] = ()  # one preprocessed image: tasks mix in a forward only with equal shapes
+    mixed_bytes: int = 0  # what one of its images costs in a mixed batch's stacked tensors
+
+    @property
+    def mix_key(self) -> tuple:
+        """Tasks share a mixed forward only with the same input shape and preprocessing."""
+        return (self.input_shape, self.manifest.preprocess)
 
     @property
     def name(self) -> str:
@@ -87,6 +95,7 @@ class Engine:
         self.backbone = backbone.to(self.device, self.dtype).eval().requires_grad_(False)
         self._slots = TensorSlots(self.backbone)
         self.flat_weights = self._pack_maskable_weights()
+        self.mixer = MixedForward(self.backbone, int(settings.mixed_budget_mb * 1024 * 1024))
         self.kernel_name, self._mask_apply = select_mask_apply(self.device, settings.kernel)
         self.cache = TaskWeightCache(int(settings.cache_budget_mb * 1024 * 1024), metrics.cache_event)
         # Uncacheable task weights are written here: reused by every forward (forwards are serialised
@@ -152,9 +161,11 @@ class Engine:
         )
         own = [task.nonzero, *([task.negative] if task.negative is not None else []), *task.overrides.values()]
         task.nbytes = sum(t.numel() * t.element_size() for t in own)
+        task.mixed_bytes = sum(_nbytes(t) for t in (self.flat_weights, *task.overrides.values()))
         what = f"task {manifest.task} version {manifest.version}"
         try:
             probe = task.transform(Image.new("RGB", (manifest.preprocess.size, manifest.preprocess.size)))
+            task.input_shape = tuple(probe.shape)
             probe = torch.stack([probe, torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))])
             probabilities = self.forward_task(task, probe, prove=True)
         except Exception as exc:
@@ -462,10 +473,13 @@ class Engine:
         return params
 
     @torch.inference_mode()
-    def forward_task(self, task: LoadedTask, images: torch.Tensor, prove: bool = False) -> torch.Tensor:
+    def forward_task(
+        self, task: LoadedTask, images: torch.Tensor, prove: bool = False, record: bool = True
+    ) -> torch.Tensor:
         """Class probabilities [N, num_labels] for a batch of preprocessed images.
 
         `prove`: a registration's test forward: no cache entry, no per-task metric series.
+        `record`: False for the cost model's measurements (no per-task metric series).
         """
         with self._forward_lock:
             params = self.task_parameters(task, use_cache=not prove)
@@ -473,6 +487,44 @@ class Engine:
             with self._slots.substituted(params) as backbone:
                 logits = backbone(images.to(self.device, self.dtype))
             probabilities = torch.softmax(logits.float(), dim=1).cpu()
-        if not prove:
+        if record and not prove:
             self.metrics.forward.labels(task=task.manifest.task).observe(time.perf_counter() - started)
         return probabilities
+
+    def mixed_capacity(self, tasks: list[LoadedTask]) -> int:
+        """Images one mixed batch of `tasks` may hold within PIGGYBACK_MIXED_BUDGET_MB (below 2: none)."""
+        return self.mixer.max_samples(max(task.mixed_bytes for task in tasks))
+
+    @torch.inference_mode()
+    def forward_mixed(self, groups: list[tuple[LoadedTask, torch.Tensor]], record: bool = True) -> list[torch.Tensor]:
+        """Class probabilities for each group's images, every group in one forward (`service.mixed_forward`).
+
+        Each task's weights are stacked right after they are materialized, so the cache or scratch
+        buffer they came from can take the next task's. Raises NotMixable when a task substitutes a
+        module that cannot run per sample: the caller then runs the groups per task.
+        """
+        with self._forward_lock:
+            shapes = [self._substituted_shapes(task) for task, _ in groups]
+            batch = self.mixer.prepare(shapes, [len(images) for _, images in groups])
+            for group, (task, _) in enumerate(groups):
+                self.mixer.fill(batch, group, self.task_parameters(task))
+            started = time.perf_counter()
+            images = torch.cat([images for _, images in groups]).to(self.device, self.dtype)
+            logits = self.mixer.run(batch, images)
+            probabilities = [
+                torch.softmax(logits[rows, : len(task.manifest.labels)].float(), dim=1).cpu()
+                for rows, (task, _) in zip(batch.rows, groups, strict=True)
+            ]
+        if record:
+            for task, _ in groups:
+                self.metrics.forward.labels(task=task.manifest.task).observe(time.perf_counter() - started)
+        return probabilities
+
+    def _substituted_shapes(self, task: LoadedTask) -> dict[str, torch.Size]:
+        shapes = {f"{layer.name}.weight": torch.Size(layer.shape) for layer in task.manifest.layers}
+        shapes.update({name: tensor.shape for name, tensor in task.overrides.items()})
+        return shapes
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -46,6 +46,13 @@ class Metrics:
         self.batch_size = Histogram(
             "piggyback_batch_size", "Images per forward pass", ["task"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.batch_tasks = Histogram(
+            "piggyback_batch_tasks",
+            "Tasks per forward pass, by path: one task per forward (per_task) or several in one (mixed)",
+            ["path"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.inflight = Gauge("piggyback_inflight_requests", "Predict requests being served", registry=r)
         self.registered_tasks = Gauge("piggyback_registered_tasks", "Tasks currently registered", registry=r)
         self.resident_tasks = Gauge(

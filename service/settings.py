@@ -47,6 +47,18 @@ class Settings(BaseSettings):
         0, ge=0, description="CPU threads per forward; 0 = torch's default (OMP_NUM_THREADS, else every core)"
     )
     max_batch_size: int = Field(32, ge=1, description="images per forward pass")
+    mixed_batches: Literal["auto", "always", "off"] = Field(
+        "auto",
+        description="images of different tasks in one forward: where the start-up cost model measured it faster "
+        "(auto), whenever several tasks wait (always), or never (off)",
+    )
+    mixed_budget_mb: float = Field(
+        256,
+        ge=0,
+        allow_inf_nan=False,
+        description="memory for a mixed batch's stacked task weights, allocated once; it bounds the images per "
+        "mixed forward (about one backbone's weights each)",
+    )
     max_batch_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for batch-mates")
     max_concurrent_predictions: int = Field(
         64, ge=1, description="prediction requests inside the server at once; more get 503 before their body is read"

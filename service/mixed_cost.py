@@ -1,0 +1,117 @@
+"""When one mixed forward beats per-task forwards: measured on this machine and device, per input shape.
+
+Whether mixing pays depends on where the time goes. At 32 px on a 2-core CPU a forward is mostly fixed
+cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1 forwards; at 224 px
+the convolutions are compute-bound and the grouped forward lost (0.78x). On a GPU the break-even moves
+again. So the batcher asks this model, which times a few real forwards per input shape (per-task at 1
+and B images, mixed at 2 and B images, stacking included) and fits each path as fixed + per-image
+cost. A batch is mixed only where the fitted mixed cost is below the sum of the per-task ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from service.engine import Engine, LoadedTask
+
+log = logging.getLogger("piggyback.mixed_cost")
+PROBE_IMAGES = 8  # the larger batch each path is timed at (capped by the mixed budget)
+
+
+@dataclass(frozen=True)
+class Line:
+    """Seconds for a forward of n images: fixed + per_image * n."""
+
+    fixed: float
+    per_image: float
+
+    def at(self, images: int) -> float:
+        return self.fixed + self.per_image * images
+
+    @classmethod
+    def through(cls, small: tuple[int, float], large: tuple[int, float]) -> Line:
+        per_image = max((large[1] - small[1]) / (large[0] - small[0]), 0.0)
+        return cls(fixed=max(small[1] - per_image * small[0], 0.0), per_image=per_image)
+
+
+@dataclass(frozen=True)
+class ForwardCosts:
+    per_task: Line
+    mixed: Line
+
+    def mixed_is_faster(self, counts: list[int]) -> bool:
+        """One mixed forward over groups of `counts` images, against one forward per group."""
+        return self.mixed.at(sum(counts)) < sum(self.per_task.at(count) for count in counts)
+
+    def describe(self) -> str:
+        p, m = self.per_task, self.mixed
+        return (
+            f"per-task {p.fixed * 1e3:.1f} ms + {p.per_image * 1e3:.2f} ms/image, "
+            f"mixed {m.fixed * 1e3:.1f} ms + {m.per_image * 1e3:.2f} ms/image"
+        )
+
+
+class MixedCostModel:
+    """Measured costs by input shape; `calibrate` runs forwards, so call it where forwards may run."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._costs: dict[tuple[int, ...], ForwardCosts | None] = {}
+        self._started: set[tuple[int, ...]] = set()
+        self._lock = threading.Lock()
+
+    def costs(self, shape: tuple[int, ...]) -> ForwardCosts | None:
+        return self._costs.get(shape)
+
+    def known(self, shape: tuple[int, ...]) -> bool:
+        return shape in self._costs
+
+    def claim(self, shape: tuple[int, ...]) -> bool:
+        """True once per shape: the caller is the one to calibrate it."""
+        with self._lock:
+            if shape in self._started:
+                return False
+            self._started.add(shape)
+            return True
+
+    def calibrate(self, tasks: list[LoadedTask]) -> ForwardCosts | None:
+        """Time both paths at the input shape of `tasks` (one or more tasks of that shape; repeated to
+        fill a mixed batch). None (never mix) when the mixed budget holds fewer than two images."""
+        shape = tasks[0].input_shape
+        images = min(PROBE_IMAGES, self.engine.mixed_capacity(tasks))
+        if images < 2:
+            self._costs[shape] = None
+            log.info("mixed batches at %s: off (PIGGYBACK_MIXED_BUDGET_MB holds %d image)", shape, images)
+            return None
+        batch = torch.randn(images, *shape, generator=torch.Generator().manual_seed(0))
+        task = tasks[0]
+        per_task = Line.through(
+            (1, _best_of(lambda: self.engine.forward_task(task, batch[:1], record=False))),
+            (images, _best_of(lambda: self.engine.forward_task(task, batch, record=False))),
+        )
+
+        def mixed(n: int) -> float:
+            groups = [(tasks[i % len(tasks)], batch[i : i + 1]) for i in range(n)]
+            return _best_of(lambda: self.engine.forward_mixed(groups, record=False))
+
+        costs = ForwardCosts(per_task=per_task, mixed=Line.through((2, mixed(2)), (images, mixed(images))))
+        self._costs[shape] = costs
+        log.info("mixed batches at %s: %s", shape, costs.describe())
+        return costs
+
+
+def _best_of(forward: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` timed runs after one warm-up (the first run pays one-off allocations)."""
+    forward()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        forward()
+        best = min(best, time.perf_counter() - started)
+    return best

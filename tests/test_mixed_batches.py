@@ -1,0 +1,107 @@
+"""Images of different tasks in one forward (`service.mixed_forward`) give each task's own answer.
+
+One member of every supported family; tasks mixing binary and ternary masks, per-task BN and the
+backbone's, a fine-tuned layer, and heads of different sizes. Compared with each task's own forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from mask_store import Preprocess, artifact_bytes, build_backbone
+from mask_store.backbone import maskable_layers
+from mask_store.synthetic import random_task_artifact
+from service.engine import Engine
+from service.metrics import Metrics
+from tests.conftest import server_settings
+from tests.servers import metric, png_bytes, serve_in_thread
+from tests.test_architectures import FAST, SLOW
+
+TOLERANCE = 1e-5
+
+
+def mixed_tasks(model, arch: str, size: int) -> list[bytes]:
+    """Four tasks covering what an artifact may substitute."""
+    first_layer = next(name for name, _ in maskable_layers(model))
+    preprocess = Preprocess(size=size)
+    kinds = [
+        dict(kind="binary", per_task_bn=True, labels=("a", "b", "c")),
+        dict(kind="ternary", per_task_bn=False, labels=("a", "b")),
+        dict(kind="binary", per_task_bn=False, labels=tuple("abcde"), finetuned=(first_layer,)),
+        dict(kind="ternary", per_task_bn=True, labels=tuple("abcd"), density=0.9),
+    ]
+    return [
+        artifact_bytes(random_task_artifact(model, arch, task=f"t{i}", seed=i, preprocess=preprocess, **kind))
+        for i, kind in enumerate(kinds)
+    ]
+
+
+def engine_with_tasks(arch: str, size: int, tmp_path, **settings) -> tuple[Engine, list]:
+    torch.manual_seed(0)
+    model = build_backbone(arch)
+    weights = tmp_path / f"{arch}.pt"
+    torch.save(model.state_dict(), weights)
+    engine = Engine(server_settings(weights, tmp_path / "store", backbone=arch, **settings), Metrics())
+    return engine, [engine.register(data) for data in mixed_tasks(model, arch, size)]
+
+
+def check_mixed_equals_own(engine: Engine, tasks, size: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    counts = [1, 2, 1, 3]
+    groups = [(task, torch.randn(n, 3, size, size, generator=generator)) for task, n in zip(tasks, counts, strict=True)]
+    mixed = engine.forward_mixed(groups)
+    for (task, images), got in zip(groups, mixed, strict=True):
+        own = engine.forward_task(task, images)
+        assert got.shape == own.shape == (len(images), len(task.manifest.labels))
+        torch.testing.assert_close(got, own, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("arch,size", FAST.items())
+def test_a_mixed_batch_equals_each_tasks_own_forward(arch, size, tmp_path):
+    engine, tasks = engine_with_tasks(arch, size, tmp_path, cache_budget_mb=0)
+    check_mixed_equals_own(engine, tasks, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,size", SLOW.items())
+def test_a_mixed_batch_equals_each_tasks_own_forward_large_families(arch, size, tmp_path):
+    engine, tasks = engine_with_tasks(arch, size, tmp_path, cache_budget_mb=0)
+    check_mixed_equals_own(engine, tasks, size)
+
+
+def test_mixed_batches_through_the_real_server_answer_as_each_task_alone(tmp_path):
+    """Concurrent requests for four tasks share forwards (`piggyback_batch_tasks{path="mixed"}`) and get
+    the answers the same images get alone."""
+    size = 16
+    engine, tasks = engine_with_tasks("mobilenet_v2", size, tmp_path)
+    settings = engine.settings.model_copy(update={"mixed_batches": "always", "max_batch_delay_ms": 50})
+    requests = [(task.name, png_bytes(seed=i, size=size, mode="RGB")) for i, task in enumerate(tasks * 3)]
+    labels = {task.name: len(task.manifest.labels) for task in tasks}
+
+    def scores(answer: httpx.Response) -> list[float]:
+        assert answer.status_code == 200, answer.text
+        return [s["score"] for s in sorted(answer.json()["predictions"][0]["top_k"], key=lambda s: s["index"])]
+
+    async def concurrently(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(f"/tasks/{name}/predict", params={"top_k": labels[name]}, files={"images": ("x.png", data)})
+                for name, data in requests
+            ))  # fmt: skip
+
+    with serve_in_thread(settings) as base:
+        together = asyncio.run(concurrently(base))
+        mixed_forwards = metric(base, "piggyback_batch_tasks_count", path="mixed")
+        alone = [
+            httpx.post(
+                f"{base}/tasks/{name}/predict", params={"top_k": labels[name]}, files={"images": ("x.png", data)}
+            )
+            for name, data in requests
+        ]
+    assert mixed_forwards >= 1
+    for got, own in zip(together, alone, strict=True):
+        torch.testing.assert_close(torch.tensor(scores(got)), torch.tensor(scores(own)), rtol=0, atol=TOLERANCE)
