@@ -35,7 +35,7 @@ from mask_store.image_modes import normalize_image
 from mask_store.manifest import LayerEntry, Manifest, MaskSpec, Preprocess
 from mask_store.objects import ObjectStore, StoreFull, StoreUnavailable
 from mask_store.preprocess import build_transform
-from mask_store.store import LiveTask, TaskStore, TaskVersionExists
+from mask_store.store import LiveTask, Snapshot, TaskStore, TaskVersionExists
 from mask_store.weights import offline_weights, verify_weights_file
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "MaskStoreError",
     "Preprocess",
     "LiveTask",
+    "Snapshot",
     "ObjectStore",
     "StoreFull",
     "StoreUnavailable",

@@ -73,12 +73,40 @@ class IndexMissing(StoreUnavailable):
 
 
 @dataclass(frozen=True)
+class LiveTask:
+    """What a replica should serve for one task: its highest stored version, and where it is."""
+
+    name: str
+    version: int
+    identity: str  # sha256 of the manifest; empty for a pre-index store's object not yet read
+    key: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every task's live version at one index generation; `tag` identifies it for a cheap poll
+    (None: a pre-index store, listed)."""
+
+    generation: int
+    tag: str | None
+    tasks: dict[str, LiveTask]
+
+    @classmethod
+    def of(cls, index: StoreIndex, tag: str | None) -> Snapshot:
+        tasks = {}
+        for name in index.tasks:
+            if (found := index.live(name)) is not None:
+                version, entry = found
+                tasks[name] = LiveTask(name, version, entry.identity, entry.key)
+        return cls(index.generation, tag, tasks)
+
+
+@dataclass(frozen=True)
 class Published:
-    """A stored artifact, the index that names it, and that index's tag."""
+    """A stored artifact and the snapshot of the index that names it."""
 
     artifact: TaskArtifact
-    index: StoreIndex
-    tag: str | None
+    snapshot: Snapshot
 
 
 @contextlib.contextmanager
@@ -97,15 +125,6 @@ def _collector_paused():
 def _names(index: StoreIndex, name: str, version: int, entry: StoredVersion) -> bool:
     """Whether `index` names exactly this artifact as the task's live version."""
     return index.live(name) == (version, entry)
-
-
-@dataclass(frozen=True)
-class LiveTask:
-    """What a replica should serve for one task: its highest stored version."""
-
-    name: str
-    version: int
-    identity: str
 
 
 class TaskStore:
@@ -192,15 +211,13 @@ class TaskStore:
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
         raise StoreUnavailable(f"the store index in {self.url} kept changing; {PUBLISH_ATTEMPTS} attempts lost")
 
+    def snapshot(self) -> Snapshot:
+        """What every replica should serve: each task's live version, at the index's generation."""
+        return Snapshot.of(*self.read_index())
+
     def live_tasks(self) -> dict[str, LiveTask]:
         """The version every replica should serve, per task."""
-        index, _ = self.read_index()
-        return {
-            name: LiveTask(name, version, entry.identity)
-            for name in index.tasks
-            if (found := index.live(name)) is not None
-            for version, entry in [found]
-        }
+        return self.snapshot().tasks
 
     # --- reading -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -220,22 +237,23 @@ class TaskStore:
     def get(self, name: str, version: int | None = None) -> TaskArtifact:
         """Load and fully validate a stored artifact (the live version unless one is named)."""
         version, entry = self._entry(name, version)
-        return self.load(name, version, entry)
+        return self.load(LiveTask(name, version, entry.identity, entry.key))
 
-    def load(self, name: str, version: int, entry: StoredVersion) -> TaskArtifact:
-        """Load and fully validate the artifact an index entry names (no index read)."""
-        data = self.objects.get(entry.key)
+    def load(self, live: LiveTask) -> TaskArtifact:
+        """Load and fully validate the artifact a snapshot names (no index read), checked against the
+        identity the index recorded for it."""
+        data = self.objects.get(live.key)
         if data is None:
-            raise CorruptArtifact(f"{entry.key} is named by the store index but missing from {self.url}")
-        artifact = parse_artifact(data, entry.key)
+            raise CorruptArtifact(f"{live.key} is named by the store index but missing from {self.url}")
+        artifact = parse_artifact(data, live.key)
         manifest = artifact.manifest
-        if (manifest.task, manifest.version) != (name, version):
+        if (manifest.task, manifest.version) != (live.name, live.version):
             raise CorruptArtifact(
-                f"{entry.key} holds task {manifest.task!r} version {manifest.version}, not {name!r} version "
-                f"{version}: rename the folder to the task's name, or remove it"
+                f"{live.key} holds task {manifest.task!r} version {manifest.version}, not {live.name!r} version "
+                f"{live.version}: rename the folder to the task's name, or remove it"
             )
-        if entry.identity and artifact_identity(manifest) != entry.identity:
-            raise CorruptArtifact(f"{entry.key} differs from the artifact the store index recorded")
+        if live.identity and artifact_identity(manifest) != live.identity:
+            raise CorruptArtifact(f"{live.key} differs from the artifact the store index recorded")
         return artifact
 
     def manifest(self, name: str, version: int | None = None) -> Manifest:
@@ -246,33 +264,23 @@ class TaskStore:
         return [self.manifest(name) for name in self.names()]
 
     # --- writing -------------------------------------------------------------------------------
-    def put(
-        self,
-        source: str | Path | bytes,
-        layout: BackboneLayout | None = None,
-        prove: Callable[[TaskArtifact], None] | None = None,
-    ) -> TaskArtifact:
+    def put(self, source: str | Path | bytes, layout: BackboneLayout | None = None) -> TaskArtifact:
         """Validate an artifact (file path or bytes) and store it durably; returns it loaded."""
-        return self.publish(source, layout, prove).artifact
-
-    def publish(
-        self,
-        source: str | Path | bytes,
-        layout: BackboneLayout | None = None,
-        prove: Callable[[TaskArtifact], None] | None = None,
-    ) -> Published:
-        """Validate an artifact and store it durably; returns it with the index that names it.
-
-        Refuses with CorruptArtifact, BackboneMismatch (when `layout` is given), whatever `prove`
-        raises (e.g. a forward pass that fails), or TaskVersionExists; a refusal writes nothing, and
-        neither does a failure to publish (the object written for it is removed).
-        """
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         artifact = parse_artifact(data, "uploaded artifact")
         if layout is not None:
             artifact.check_backbone(layout)
-        if prove is not None:
-            prove(artifact)
+        return self.publish(data, artifact).artifact
+
+    def publish(self, data: bytes, artifact: TaskArtifact | None = None) -> Published:
+        """Store an artifact durably; returns it with the snapshot of the index that names it.
+
+        `artifact`: `data` already parsed and checked by the caller (a server checks it against its
+        backbone and proves it runs first). Refuses with CorruptArtifact or TaskVersionExists; a refusal
+        writes nothing, and neither does a failure to publish (the object written for it is removed).
+        """
+        if artifact is None:
+            artifact = parse_artifact(data, "uploaded artifact")
         name, version = artifact.manifest.task, artifact.manifest.version
         identity = artifact_identity(artifact.manifest)
         key = f"{name}/{version:08d}-{identity[:16]}.safetensors"
@@ -297,7 +305,7 @@ class TaskStore:
             raise
         except StoreUnavailable as error:
             index, tag = self._outcome_of_publish(error, key, name, version, entry)
-        return Published(artifact, index, tag)
+        return Published(artifact, Snapshot.of(index, tag))
 
     def _outcome_of_publish(
         self, error: StoreUnavailable, key: str, name: str, version: int, entry: StoredVersion
@@ -364,8 +372,8 @@ class TaskStore:
         for entry in removed:
             self.objects.delete(entry.key)
 
-    def delete(self, name: str) -> tuple[StoreIndex, str | None]:
-        """Remove every version of a task; returns the index published without it. TaskNotFound if none."""
+    def delete(self, name: str) -> Snapshot:
+        """Remove every version of a task; returns the snapshot published without it. TaskNotFound if none."""
         removed: list[StoredVersion] = []
 
         def drop(index: StoreIndex) -> None:
@@ -379,4 +387,4 @@ class TaskStore:
                 self.objects.delete(entry.key)
             except StoreUnavailable as exc:  # unnamed now, so harmless; a later cleanup may retry
                 log.warning("task %s unregistered, but %s stays in the store: %s", name, entry.key, exc)
-        return published
+        return Snapshot.of(*published)

@@ -26,6 +26,7 @@ from mask_store import BackboneLayout, Preprocess, artifact_bytes, build_backbon
 from mask_store.synthetic import random_task_artifact  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
+from service.registry import TaskRegistry
 from service.settings import Settings  # noqa: E402
 
 
@@ -56,10 +57,11 @@ def main() -> None:
             backbone=args.backbone, weights=f"{tmp}/weights.pt", store=f"{tmp}/store", admin_token="b" * 32
         )
         engine = Engine(settings, Metrics())
+        registry = TaskRegistry.over_store_of(engine)
         preprocess = Preprocess(size=args.image_size, grayscale=False)
         layout = BackboneLayout.from_model(args.backbone, model)
         tasks = [
-            engine.register(
+            registry.register(
                 artifact_bytes(
                     random_task_artifact(
                         model, args.backbone, task=f"t{i}", seed=i, preprocess=preprocess, layout=layout

@@ -27,6 +27,7 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.prediction_limit import PredictionLimit
+from service.registry import TaskRegistry
 from service.replica import ReplicaHeader, replica_name
 from service.request_context import RequestContext
 from service.routes import admin, health, tasks, ui, v2
@@ -39,7 +40,7 @@ log = logging.getLogger("piggyback.service")
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.5, 10.0
 
 
-async def _read_store_until_it_answers(engine: Engine, state) -> None:
+async def _read_store_until_it_answers(registry: TaskRegistry, state) -> None:
     """Start-up's first read of the store (every task proves itself with a forward: the warm-up),
     retried with backoff while the store is unavailable (unreachable, its index damaged or missing):
     `/readyz` says why meanwhile, and the replica becomes ready once the store is repaired instead of
@@ -47,12 +48,12 @@ async def _read_store_until_it_answers(engine: Engine, state) -> None:
     delay = STORE_RETRY_FIRST_S
     while True:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, engine.load_store)
+            await asyncio.get_running_loop().run_in_executor(None, registry.sync_with_store)
             state.store_wait = None
             return
         except StoreUnavailable as exc:
             state.store_wait = f"waiting for the store (retry in {delay:g} s): {exc}"
-            engine.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
+            registry.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
             log.warning("start-up: %s", state.store_wait)
             await asyncio.sleep(delay)
             delay = min(2 * delay, STORE_RETRY_MAX_S)
@@ -73,7 +74,8 @@ async def lifespan(app: FastAPI):
             # The backbone and the libraries are loaded for good: out of the cyclic collector's sight, so its
             # full passes (while a 10,000-task index is parsed, say) scan only what requests allocate.
             gc.freeze()
-            await _read_store_until_it_answers(engine, state)
+            registry = TaskRegistry.over_store_of(engine)
+            await _read_store_until_it_answers(registry, state)
         except Exception as exc:  # surfaced by /readyz and every route instead of a silent crash loop
             log.exception("start-up failed")
             state.startup_error = f"start-up failed: {exc}"
@@ -87,13 +89,16 @@ async def lifespan(app: FastAPI):
             mixing=settings.mixed_batches,
         )
         state.batcher.start()
-        state.batcher.calibrate(engine.tasks())  # the mixed-batch cost model, per input shape, on the engine
-        state.watcher = StoreWatcher(engine, settings.store_poll_s)
+        try:
+            await state.batcher.calibrate(registry.tasks())  # the mixed-batch cost model, before the first request
+        except Exception:  # measuring failed: those shapes run per task, the server serves
+            log.exception("measuring mixed batches failed")
+        state.watcher = StoreWatcher(registry, settings.store_poll_s)
         state.watcher.start()
-        state.engine = engine
+        state.engine, state.registry = engine, registry
         state.ready.set()
-        log.info("ready: %d tasks registered, %d resident", len(engine.registered()), len(engine.tasks()))
-        for name, reason in engine.failed.items():
+        log.info("ready: %d tasks registered, %d resident", len(registry.registered()), len(registry.tasks()))
+        for name, reason in registry.failed.items():
             log.error("not serving task %s: %s", name, reason)
 
     starter = asyncio.create_task(start())
@@ -122,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.ready = threading.Event()
     app.state.startup_error = None
     app.state.engine = None
+    app.state.registry = None
     app.state.drain = Drain()
     install_error_handlers(app)
     app.include_router(tasks.router)

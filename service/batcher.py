@@ -94,16 +94,19 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    def calibrate(self, tasks: list[LoadedTask]) -> None:
-        """Measure the mixed-batch cost model for the input shapes of `tasks` on the inference thread
-        (start-up: the resident tasks), so the first mixed batches need not wait for it."""
+    async def calibrate(self, tasks: list[LoadedTask]) -> None:
+        """Measure the mixed-batch cost model, on the inference thread, for every input shape that two
+        or more of `tasks` share (start-up: the resident tasks, which may mix from the first request).
+        Other shapes are measured when two tasks of theirs first wait together."""
         if self.mixing != "auto":
             return
         by_shape: dict[tuple, list[LoadedTask]] = {}
         for task in tasks:
             by_shape.setdefault(task.input_shape, []).append(task)
+        loop = asyncio.get_running_loop()
         for shape, same in by_shape.items():
-            self._calibrate_later(shape, same[: PIPELINE_DEPTH * 4])
+            if len(same) > 1 and self.costs.claim(shape):
+                await loop.run_in_executor(self.executor, self.costs.calibrate, same)
 
     def _calibrate_later(self, shape: tuple, tasks: list[LoadedTask]) -> None:
         if self.costs.claim(shape):

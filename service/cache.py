@@ -42,6 +42,11 @@ class TaskWeightCache:
         with self._lock:
             return key in self._entries
 
+    def holds(self, key: Hashable, buffer: torch.Tensor) -> bool:
+        """Whether `buffer` is (still) the cached entry of `key`."""
+        with self._lock:
+            return self._entries.get(key) is buffer
+
     def capacity(self, like: torch.Tensor) -> int:
         """How many buffers shaped like `like` the budget holds."""
         return self.budget_bytes // max(_nbytes(like), 1)

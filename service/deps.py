@@ -1,4 +1,4 @@
-"""FastAPI dependencies as Annotated aliases: the engine, the batcher, readiness, the admin scheme."""
+"""FastAPI dependencies as Annotated aliases: the task registry, the batcher, readiness, the admin scheme."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service.batcher import Batcher
 from service.deadlines import Deadline, disconnect_waiter
-from service.engine import Engine, LoadedTask
+from service.engine import LoadedTask
 from service.errors import NotReady
 from service.metrics import Metrics
+from service.registry import TaskRegistry
 from service.settings import Settings
 
 
@@ -27,20 +28,22 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def serving_task(engine: Engine, name: str) -> LoadedTask:
+async def serving_task(registry: TaskRegistry, name: str) -> LoadedTask:
     """The task's live version: at once when resident, else loaded in a thread (store I/O and a proof
     forward stay off the event loop; concurrent first requests share one load)."""
-    return engine.resident_task(name) or await run_in_threadpool(engine.task, name)
+    return registry.resident_task(name) or await run_in_threadpool(registry.task, name)
 
 
-def get_engine(request: Request) -> Engine:
+def get_registry(request: Request) -> TaskRegistry:
     state = request.app.state
     if not state.ready.is_set():
         raise NotReady(state.startup_error or "server is still loading the backbone and tasks; retry shortly")
-    return state.engine
+    return state.registry
 
 
-async def get_batcher(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> AsyncIterator[Batcher]:
+async def get_batcher(
+    request: Request, registry: Annotated[TaskRegistry, Depends(get_registry)]
+) -> AsyncIterator[Batcher]:
     """The batcher, for one admitted prediction: refused with 503 while draining, counted until it finishes."""
     with request.app.state.drain.admit():
         yield request.app.state.batcher
@@ -70,7 +73,7 @@ _bearer = HTTPBearer(auto_error=False, description="PIGGYBACK_ADMIN_TOKEN")
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 AdminDep = Depends(_bearer)
 DeadlineDep = Annotated[Deadline, Depends(get_deadline)]
@@ -80,7 +83,7 @@ DeadlineDep = Annotated[Deadline, Depends(get_deadline)]
 class Prediction:
     """Everything a prediction route needs, whichever front door: one dependency instead of five."""
 
-    engine: Engine
+    registry: TaskRegistry
     batcher: Batcher
     settings: Settings
     metrics: Metrics
@@ -88,9 +91,9 @@ class Prediction:
 
 
 def get_prediction(
-    engine: EngineDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep, deadline: DeadlineDep
+    registry: RegistryDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep, deadline: DeadlineDep
 ) -> Prediction:
-    return Prediction(engine, batcher, settings, metrics, deadline)
+    return Prediction(registry, batcher, settings, metrics, deadline)
 
 
 PredictionDep = Annotated[Prediction, Depends(get_prediction)]

@@ -81,24 +81,28 @@ class MixedCostModel:
             return True
 
     def calibrate(self, tasks: list[LoadedTask]) -> ForwardCosts | None:
-        """Time both paths at the input shape of `tasks` (one or more tasks of that shape; repeated to
-        fill a mixed batch). None (never mix) when the mixed budget holds fewer than two images."""
+        """Time both paths at the input shape of `tasks` (one or more tasks of that shape; two are
+        materialized outside the cache and repeated to fill a mixed batch). None (never mix) when the
+        mixed budget holds fewer than two images."""
         shape = tasks[0].input_shape
         images = min(PROBE_IMAGES, self.engine.mixed_capacity(tasks))
         if images < 2:
             self._costs[shape] = None
             log.info("mixed batches at %s: off (PIGGYBACK_MIXED_BUDGET_MB holds %d image)", shape, images)
             return None
+        engine, tasks = self.engine, tasks[:2]
+        params = [engine.materialized(task) for task in tasks]
         batch = torch.randn(images, *shape, generator=torch.Generator().manual_seed(0))
-        task = tasks[0]
         per_task = Line.through(
-            (1, _best_of(lambda: self.engine.forward_task(task, batch[:1], record=False))),
-            (images, _best_of(lambda: self.engine.forward_task(task, batch, record=False))),
+            (1, _best_of(lambda: engine.forward_with(params[0], batch[:1]).cpu())),
+            (images, _best_of(lambda: engine.forward_with(params[0], batch).cpu())),
         )
 
         def mixed(n: int) -> float:
-            groups = [(tasks[i % len(tasks)], batch[i : i + 1]) for i in range(n)]
-            return _best_of(lambda: self.engine.forward_mixed(groups, record=False))
+            chosen = [i % len(tasks) for i in range(n)]
+            group_tasks, group_params = [tasks[i] for i in chosen], [params[i] for i in chosen]
+            group_images = [batch[i : i + 1] for i in range(n)]
+            return _best_of(lambda: engine.forward_mixed_with(group_tasks, group_params, group_images).cpu())
 
         costs = ForwardCosts(per_task=per_task, mixed=Line.through((2, mixed(2)), (images, mixed(images))))
         self._costs[shape] = costs
@@ -106,7 +110,7 @@ class MixedCostModel:
         return costs
 
 
-def _best_of(forward: Callable[[], object], repeats: int = 3) -> float:
+def _best_of(forward: Callable[[], object], repeats: int = 2) -> float:
     """The fastest of `repeats` timed runs after one warm-up (the first run pays one-off allocations)."""
     forward()
     best = float("inf")

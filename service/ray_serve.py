@@ -134,10 +134,10 @@ class PiggybackReplica:
 
     async def _task(self, name: str) -> str:
         """Holding a task = it is registered here; its weights are materialized by its first batch."""
-        engine = self.service.state.engine
-        if engine is None:
+        registry = self.service.state.registry
+        if registry is None:
             raise NotReady("replica still loading")
-        return (await serving_task(engine, name)).manifest.task
+        return (await serving_task(registry, name)).manifest.task
 
     async def forward(self, request: dict) -> dict:
         """Serve one HTTP request (as sent by `TaskRouter`) through this replica's app."""

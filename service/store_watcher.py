@@ -1,6 +1,6 @@
 """Keeps this process serving what the shared store names, whichever process changed it.
 
-A daemon thread calls `Engine.sync_with_store` every `PIGGYBACK_STORE_POLL_S`: one cheap read of the
+A daemon thread calls `TaskRegistry.sync_with_store` every `PIGGYBACK_STORE_POLL_S`: one cheap read of the
 store index's tag when nothing changed. Errors (a store that is briefly unreachable) are logged and
 counted, and shown by `/readyz` as `store_problem` until a poll succeeds; the replica keeps serving
 what it has (it stays ready) and tries again at the next tick. Every ten minutes it also removes task
@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 
-from service.engine import Engine
+from service.registry import TaskRegistry
 
 log = logging.getLogger("piggyback.store_watcher")
 SWEEP_EVERY_S = 600
@@ -21,8 +21,8 @@ UNNAMED_GRACE_S = 3600  # a publish follows its object write within seconds: an 
 
 
 class StoreWatcher:
-    def __init__(self, engine: Engine, interval_s: float):
-        self.engine = engine
+    def __init__(self, registry: TaskRegistry, interval_s: float):
+        self.registry = registry
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-watcher", daemon=True)
@@ -41,19 +41,19 @@ class StoreWatcher:
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
                 self._sweep()
             try:
-                self.engine.sync_with_store()
-                self.engine.store_problem = None
+                self.registry.sync_with_store()
+                self.registry.store_problem = None
             except Exception as exc:  # the watcher must outlive any one bad poll
-                self.engine.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
-                if self.engine.store_problem != str(exc):  # logged once per problem, counted every poll
+                self.registry.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
+                if self.registry.store_problem != str(exc):  # logged once per problem, counted every poll
                     log.warning("store poll failed, serving what this replica has: %s", exc)
-                self.engine.store_problem = str(exc)
+                self.registry.store_problem = str(exc)
 
     def _sweep(self) -> None:
         """Objects a writer left unnamed (killed before publishing) go after a grace period; any replica
         may do it, and two doing it at once is harmless."""
         try:
-            self.engine.store.sweep_unnamed(UNNAMED_GRACE_S)
+            self.registry.store.sweep_unnamed(UNNAMED_GRACE_S)
         except Exception as exc:  # a read-only store, say: the objects stay, serving goes on
-            self.engine.metrics.store_sync_errors.labels(kind=f"sweep:{type(exc).__name__}").inc()
+            self.registry.metrics.store_sync_errors.labels(kind=f"sweep:{type(exc).__name__}").inc()
             log.warning("could not sweep unnamed objects from the store: %s", exc)

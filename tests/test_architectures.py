@@ -9,6 +9,7 @@ from mask_store import BackboneLayout, Preprocess, UnsupportedArchitecture, arti
 from mask_store.architectures import SUPPORTED_FAMILIES, supported_architectures
 from service.engine import Engine
 from service.metrics import Metrics
+from service.registry import TaskRegistry
 from tests.conftest import server_settings
 from training.export import export_artifact
 from training.trainer import TrainConfig, train_task
@@ -49,7 +50,8 @@ def train_and_serve(arch: str, size: int, tmp_path) -> None:
         preprocess=Preprocess(size=size),
     )
     engine = Engine(server_settings(weights, tmp_path / "store", backbone=arch, cache_budget_mb=0), Metrics())
-    task = engine.register(artifact_bytes(artifact))
+    registry = TaskRegistry.over_store_of(engine)
+    task = registry.register(artifact_bytes(artifact))
     images = Noise(size).images[:2]
     served = engine.forward_task(task, images)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from mask_store import TaskStore, artifact_bytes
 from service.cache import TaskWeightCache
 from service.engine import Engine
 from service.metrics import Metrics
+from service.registry import TaskRegistry
 from tests.conftest import random_task_artifact, server_settings
 from tests.reference_model import dedicated_network
 
@@ -62,8 +63,9 @@ def engine_for(tmp_path, backbone_file, artifacts, **settings):
     for artifact in artifacts:
         TaskStore(store).put(artifact_bytes(artifact))
     engine = Engine(server_settings(backbone_file, store, **settings), Metrics())
-    engine.load_store()
-    return engine
+    registry = TaskRegistry.over_store_of(engine)
+    registry.sync_with_store()
+    return engine, registry
 
 
 def test_every_kernel_and_cache_setting_gives_the_dedicated_network_answer(tmp_path, backbone_file, resnet18):
@@ -74,13 +76,13 @@ def test_every_kernel_and_cache_setting_gives_the_dedicated_network_answer(tmp_p
     images = torch.randn(3, 3, 16, 16)
     for kernel in ("torch", "cpu"):
         for budget in (0, 1024):
-            engine = engine_for(tmp_path, backbone_file, artifacts, kernel=kernel, cache_budget_mb=budget)
+            engine, registry = engine_for(tmp_path, backbone_file, artifacts, kernel=kernel, cache_budget_mb=budget)
             assert engine.kernel_name == kernel
             for artifact in artifacts:
                 with torch.no_grad():
                     expected = torch.softmax(dedicated_network(resnet18, artifact)(images), dim=1)
                 for _ in range(2):
-                    got = engine.forward_task(engine.task(artifact.manifest.task), images)
+                    got = engine.forward_task(registry.task(artifact.manifest.task), images)
                     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
             events = {
                 s.labels["event"]: s.value
@@ -95,12 +97,12 @@ def test_every_kernel_and_cache_setting_gives_the_dedicated_network_answer(tmp_p
 
 
 def test_backbone_weights_are_never_written(tmp_path, backbone_file, resnet18):
-    engine = engine_for(
+    engine, registry = engine_for(
         tmp_path, backbone_file, [random_task_artifact(resnet18, "resnet18", task="x", seed=3)], cache_budget_mb=0
     )
     before = {k: v.clone() for k, v in engine.backbone.state_dict().items()}
     flat_before = engine.flat_weights.clone()
-    engine.forward_task(engine.task("x"), torch.randn(2, 3, 16, 16))
+    engine.forward_task(registry.task("x"), torch.randn(2, 3, 16, 16))
     assert torch.equal(engine.flat_weights, flat_before)
     for key, value in engine.backbone.state_dict().items():
         assert torch.equal(value, before[key]), key

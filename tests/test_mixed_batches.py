@@ -17,6 +17,7 @@ from mask_store.backbone import maskable_layers
 from mask_store.synthetic import random_task_artifact
 from service.engine import Engine
 from service.metrics import Metrics
+from service.registry import TaskRegistry
 from tests.conftest import server_settings
 from tests.servers import metric, png_bytes, serve_in_thread
 from tests.test_architectures import FAST, SLOW
@@ -46,7 +47,8 @@ def engine_with_tasks(arch: str, size: int, tmp_path, **settings) -> tuple[Engin
     weights = tmp_path / f"{arch}.pt"
     torch.save(model.state_dict(), weights)
     engine = Engine(server_settings(weights, tmp_path / "store", backbone=arch, **settings), Metrics())
-    return engine, [engine.register(data) for data in mixed_tasks(model, arch, size)]
+    registry = TaskRegistry.over_store_of(engine)
+    return engine, [registry.register(data) for data in mixed_tasks(model, arch, size)]
 
 
 def check_mixed_equals_own(engine: Engine, tasks, size: int) -> None:
@@ -64,6 +66,17 @@ def check_mixed_equals_own(engine: Engine, tasks, size: int) -> None:
 def test_a_mixed_batch_equals_each_tasks_own_forward(arch, size, tmp_path):
     engine, tasks = engine_with_tasks(arch, size, tmp_path, cache_budget_mb=0)
     check_mixed_equals_own(engine, tasks, size)
+
+
+@pytest.mark.parametrize("buffers", [2, 64])
+def test_a_mixed_batch_stacks_cached_weights_correctly(buffers, tmp_path):
+    """64 buffers: every task's weights cached at once, stacked in one copy per tensor; 2 buffers for 4
+    tasks: a later task's fill reuses an earlier one's buffer, so tasks are stacked one at a time."""
+    flat_mb = 11_166_912 * 4 / 2**20  # resnet18's masked weights in fp32
+    engine, tasks = engine_with_tasks("resnet18", 16, tmp_path, cache_budget_mb=buffers * flat_mb + 1)
+    assert engine.cache.capacity(engine.flat_weights) == buffers
+    check_mixed_equals_own(engine, tasks, 16)
+    check_mixed_equals_own(engine, tasks, 16)  # again, now from cache hits
 
 
 @pytest.mark.slow

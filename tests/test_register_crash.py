@@ -33,24 +33,24 @@ def test_an_activation_failure_restores_the_store_and_keeps_the_previous_version
     before = {key: value for key, value in visible(store).items() if key != "_index.json"}
     app = create_app(server_settings(backbone_file, tmp_path))
     with serve_in_thread(app.state.settings, app=app) as base:
-        engine = app.state.engine
-        real_install = engine._install
+        registry = app.state.registry
+        real_install = registry._install
 
         def failing_install(task, allow_older):
             if task.version == 2:
                 raise RuntimeError("device out of memory while activating")
             return real_install(task, allow_older)
 
-        engine._install = failing_install
+        registry._install = failing_install
         upload = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="t", version=2, seed=2))
         response = httpx.post(f"{base}/admin/tasks", files={"artifact": ("t.safetensors", upload)}, headers=AUTH)
         assert response.status_code == 500 and "detail" in response.json()
         assert httpx.get(f"{base}/tasks/t").json()["version"] == 1
         predicted = httpx.post(f"{base}/tasks/t/predict", files=[("images", ("x.png", png_bytes(1), "image/png"))])
         assert predicted.status_code == 200 and predicted.json()["version"] == 1
-        engine._install = real_install
-        engine.sync_with_store()  # the watcher's view agrees: version 1 is what the store names
-        assert engine.task("t").version == 1
+        registry._install = real_install
+        registry.sync_with_store()  # the watcher's view agrees: version 1 is what the store names
+        assert registry.task("t").version == 1
     assert {key: value for key, value in visible(store).items() if key != "_index.json"} == before
     assert TaskStore(tmp_path).versions("t") == [1]
 

@@ -129,7 +129,7 @@ def test_unexpected_error_is_json_500_with_request_id_in_header_and_log(served, 
     def bug(data: bytes):
         raise RuntimeError("injected bug in register")
 
-    monkeypatch.setattr(app.state.engine, "register", bug)
+    monkeypatch.setattr(app.state.registry, "register", bug)
     with caplog.at_level(logging.ERROR):
         response = httpx.post(
             f"{base}/admin/tasks", files={"artifact": ("a", artifact_bytes(renamed(artifact, "beta")))}, headers=AUTH
@@ -163,7 +163,7 @@ def test_storage_errors_map_to_507_and_503(served, artifact, monkeypatch, error,
     def failing_store(data: bytes):
         raise error
 
-    monkeypatch.setattr(app.state.engine, "register", failing_store)
+    monkeypatch.setattr(app.state.registry, "register", failing_store)
     response = httpx.post(
         f"{base}/admin/tasks", files={"artifact": ("a", artifact_bytes(renamed(artifact, "beta")))}, headers=AUTH
     )

@@ -17,6 +17,7 @@ from mask_store.objects import LocalObjects
 from mask_store.store import INDEX_KEY, IndexMissing
 from service.engine import Engine
 from service.metrics import Metrics
+from service.registry import TaskRegistry
 from tests.conftest import ADMIN_TOKEN, random_task_artifact, server_settings
 from tests.servers import png_bytes, serve_in_thread, start_service, stop_process, wait_ready
 
@@ -157,25 +158,26 @@ def test_a_registration_racing_its_own_store_poll_never_goes_back(store_location
     location = store_location[1]
     other_replica = TaskStore(location)
     engine = Engine(server_settings(backbone_file, location), Metrics())
-    engine.load_store()
+    registry = TaskRegistry.over_store_of(engine)
+    registry.sync_with_store()
     other_replica.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="from-b", seed=1)))
-    loading, slow_load = threading.Event(), engine.store.load
+    loading, slow_load = threading.Event(), registry.store.load
 
-    def load_slowly(name, version, entry):
+    def load_slowly(live):
         loading.set()
         time.sleep(0.5)
-        return slow_load(name, version, entry)
+        return slow_load(live)
 
-    engine.store.load = load_slowly
-    poll = threading.Thread(target=engine.sync_with_store)
+    registry.store.load = load_slowly
+    poll = threading.Thread(target=registry.sync_with_store)
     poll.start()
     assert loading.wait(10)  # the poll holds the index without A's task and is loading B's
-    registered = engine.register(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="from-a", seed=2)))
+    registered = registry.register(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="from-a", seed=2)))
     poll.join(10)
     assert registered.version == 1
-    assert engine.task("from-a").version == 1 and engine.task("from-b").version == 1
-    assert engine.sync_with_store() is True
-    assert engine.task("from-a").version == 1
+    assert registry.task("from-a").version == 1 and registry.task("from-b").version == 1
+    assert registry.sync_with_store() is True
+    assert registry.task("from-a").version == 1
 
 
 def test_unnamed_objects_are_swept_after_the_grace_period_and_named_ones_never(store_location, artifacts):

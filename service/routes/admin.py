@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Response, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import AdminDep, EngineDep, SettingsDep
+from service.deps import AdminDep, RegistryDep, SettingsDep
 from service.errors import BadRequest, PayloadTooLarge
 from service.schemas import TaskInfo
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 @router.post("/tasks", status_code=status.HTTP_201_CREATED, response_model=TaskInfo)
 async def register_task(
     artifact: Annotated[UploadFile, File(description="a task artifact written by `python -m training train`")],
-    engine: EngineDep,
+    registry: RegistryDep,
     settings: SettingsDep,
 ) -> TaskInfo:
     data = await artifact.read(settings.max_artifact_bytes + 1)
@@ -27,20 +27,19 @@ async def register_task(
         raise BadRequest("empty artifact upload; send the file in the 'artifact' field")
     # validation, hashing and fsync are slow: off the event loop. In-flight requests keep the
     # LoadedTask they resolved, so swapping the registry entry never disturbs a running batch.
-    task = await run_in_threadpool(engine.register, data)
+    task = await run_in_threadpool(registry.register, data)
     return TaskInfo.from_manifest(task.manifest)
 
 
 @router.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT)
-async def unregister_task(name: str, engine: EngineDep) -> Response:
-    await run_in_threadpool(engine.unregister, name)
+async def unregister_task(name: str, registry: RegistryDep) -> Response:
+    await run_in_threadpool(registry.unregister, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/store/rebuild-index")
-async def rebuild_store_index(engine: EngineDep) -> dict:
+async def rebuild_store_index(registry: RegistryDep) -> dict:
     """After the store's index was lost (deleted, or an emptied prefix restored without it): a new index
     naming every task object in the store, each read and validated. 409 while an index exists."""
-    index = await run_in_threadpool(engine.store.rebuild_index)
-    await run_in_threadpool(engine.sync_with_store)
+    index = await run_in_threadpool(registry.rebuild_index)
     return {"tasks": len(index.tasks), "generation": index.generation}

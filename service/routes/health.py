@@ -22,15 +22,15 @@ def readyz(request: Request) -> JSONResponse:
     if state.drain.draining:
         return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
     if state.ready.is_set():
-        engine = state.engine
+        registry = state.registry
         body = {
             "status": "ready",
-            "tasks": engine.servable_count(),
-            "resident_tasks": len(engine.tasks()),
-            "failed_tasks": dict(engine.failed),
+            "tasks": registry.servable_count(),
+            "resident_tasks": len(registry.tasks()),
+            "failed_tasks": dict(registry.failed),
         }
-        if engine.store_problem is not None:  # still serving what it has: ready, and saying why it cannot follow
-            body["store_problem"] = engine.store_problem
+        if registry.store_problem is not None:  # still serving what it has: ready, and saying why it cannot follow
+            body["store_problem"] = registry.store_problem
         return JSONResponse(body)
     detail = state.startup_error or getattr(state, "store_wait", None) or "loading backbone and tasks"
     return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)

@@ -9,12 +9,13 @@ import torch
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from mask_store.store import StoredVersion
-from service.deps import EngineDep, PredictionDep, serving_task
-from service.engine import Engine, LoadedTask
+from mask_store import LiveTask
+from service.deps import PredictionDep, RegistryDep, serving_task
+from service.engine import LoadedTask
 from service.errors import PayloadTooLarge
 from service.images import images_to_batch
 from service.prediction_metrics import observed_prediction
+from service.registry import TaskRegistry
 from service.schemas import FailedTask, Prediction, PredictResponse, RegisteredTask, ScoredLabel, TaskInfo
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -25,7 +26,7 @@ MAX_PAGE = 1000
 
 @router.get("", response_model=list[TaskInfo | RegisteredTask | FailedTask])
 def list_tasks(
-    engine: EngineDep,
+    registry: RegistryDep,
     response: Response,
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="tasks per page")] = MAX_PAGE,
@@ -34,8 +35,8 @@ def list_tasks(
     """Stored tasks by name, a page at a time: resident ones described in full, cold ones by version and
     identity, failed ones with the reason. `X-Total-Count` says how many there are, and
     `Link: <...>; rel="next"` names the next page."""
-    registered = engine.registered()
-    failed = dict(engine.failed)
+    registered = registry.registered()
+    failed = dict(registry.failed)
     names = sorted({*registered, *failed})
     start = bisect.bisect_right(names, after) if after is not None else 0
     page = names[start : start + limit]
@@ -43,36 +44,35 @@ def list_tasks(
     if start + limit < len(names):
         following = request.url.include_query_params(limit=limit, after=page[-1])
         response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
-    return [_listed(engine, name, registered.get(name), failed.get(name)) for name in page]
+    return [_listed(registry, name, registered.get(name), failed.get(name)) for name in page]
 
 
 def _listed(
-    engine: Engine, name: str, live: tuple[int, StoredVersion] | None, failure: str | None
+    registry: TaskRegistry, name: str, live: LiveTask | None, failure: str | None
 ) -> TaskInfo | RegisteredTask | FailedTask:
-    resident = engine.resident_task(name)
+    resident = registry.resident_task(name)
     if resident is not None:
-        return _describe(engine, resident)
+        return _describe(registry, resident)
     if failure is not None or live is None:
         return FailedTask(name=name, error=failure or "not in the store's index")
-    version, entry = live
-    return RegisteredTask(name=name, version=version, identity=entry.identity)
+    return RegisteredTask(name=name, version=live.version, identity=live.identity)
 
 
 @router.get("/{name}", response_model=TaskInfo)
-async def describe_task(name: str, engine: EngineDep) -> TaskInfo:
+async def describe_task(name: str, registry: RegistryDep) -> TaskInfo:
     """A resident task as it is served; a cold one from its stored artifact, without loading it here."""
-    resident = engine.resident_task(name)
+    resident = registry.resident_task(name)
     if resident is not None:
-        return _describe(engine, resident)
-    manifest = await run_in_threadpool(engine.stored_manifest, name)
+        return _describe(registry, resident)
+    manifest = await run_in_threadpool(registry.stored_manifest, name)
     info = TaskInfo.from_manifest(manifest)
     info.resident = False
     return info
 
 
-def _describe(engine: Engine, task: LoadedTask) -> TaskInfo:
+def _describe(registry: TaskRegistry, task: LoadedTask) -> TaskInfo:
     info = TaskInfo.from_manifest(task.manifest)
-    info.weights_cached = task.identity in engine.cache
+    info.weights_cached = task.identity in registry.engine.cache
     return info
 
 
@@ -108,7 +108,7 @@ async def predict(
 ) -> PredictResponse:
     batcher, settings = prediction.batcher, prediction.settings
     with observed_prediction(prediction.metrics, name) as record:
-        task = await serving_task(prediction.engine, name)  # this version serves it even if replaced meanwhile
+        task = await serving_task(prediction.registry, name)  # this version serves it even if replaced meanwhile
         record.task_known = True
         blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
         with batcher.admission(len(blobs)):  # refused before a decode is spent on it; decodes count as queued

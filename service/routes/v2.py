@@ -30,11 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store import TaskNotFound
 from service.asgi import RefusedMidBody
-from service.deps import EngineDep, Prediction, PredictionDep, serving_task
-from service.engine import Engine, LoadedTask
+from service.deps import Prediction, PredictionDep, RegistryDep, serving_task
+from service.engine import LoadedTask
 from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
 from service.images import images_to_batch
 from service.prediction_metrics import observed_prediction
+from service.registry import TaskRegistry
 from service.v2_wire import HEADER_LENGTH, InputTensor, OutputTensor, encode_infer_response, parse_infer_request
 
 log = logging.getLogger("piggyback.v2")
@@ -87,8 +88,8 @@ class V2Route(APIRoute):
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], route_class=V2Route)
 
 
-async def _model(engine: Engine, name: str, version: str | None) -> LoadedTask:
-    task = await serving_task(engine, name)
+async def _model(registry: TaskRegistry, name: str, version: str | None) -> LoadedTask:
+    task = await serving_task(registry, name)
     if version is not None and version != str(task.manifest.version):
         raise TaskNotFound(f"model {name!r} has no version {version!r}; it serves version {task.manifest.version}")
     return task
@@ -105,7 +106,7 @@ def live() -> dict:
 
 
 @router.get("/health/ready")
-def ready(engine: EngineDep) -> dict:
+def ready(registry: RegistryDep) -> dict:
     return {"ready": True}
 
 
@@ -124,23 +125,23 @@ def _metadata(task: LoadedTask) -> dict:
 
 
 @router.get("/models/{name}")
-async def model_metadata(name: str, engine: EngineDep) -> dict:
-    return _metadata(await _model(engine, name, None))
+async def model_metadata(name: str, registry: RegistryDep) -> dict:
+    return _metadata(await _model(registry, name, None))
 
 
 @router.get("/models/{name}/versions/{version}")
-async def model_version_metadata(name: str, version: str, engine: EngineDep) -> dict:
-    return _metadata(await _model(engine, name, version))
+async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> dict:
+    return _metadata(await _model(registry, name, version))
 
 
 @router.get("/models/{name}/ready")
-async def model_ready(name: str, engine: EngineDep) -> dict:
-    return {"name": (await _model(engine, name, None)).manifest.task, "ready": True}
+async def model_ready(name: str, registry: RegistryDep) -> dict:
+    return {"name": (await _model(registry, name, None)).manifest.task, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready")
-async def model_version_ready(name: str, version: str, engine: EngineDep) -> dict:
-    return {"name": (await _model(engine, name, version)).manifest.task, "ready": True}
+async def model_version_ready(name: str, version: str, registry: RegistryDep) -> dict:
+    return {"name": (await _model(registry, name, version)).manifest.task, "ready": True}
 
 
 def _image_blobs(tensor: InputTensor, max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
@@ -202,9 +203,9 @@ def _outputs(request_outputs, default_binary: bool, probabilities: torch.Tensor,
 
 
 async def _infer(name: str, version: str | None, request: Request, prediction: Prediction) -> Response:
-    engine, batcher, settings = prediction.engine, prediction.batcher, prediction.settings
+    registry, batcher, settings = prediction.registry, prediction.batcher, prediction.settings
     with observed_prediction(prediction.metrics, name) as record:
-        task = await _model(engine, name, version)  # the request keeps this version even if it is replaced meanwhile
+        task = await _model(registry, name, version)  # the request keeps this version even if it is replaced meanwhile
         record.task_known = True
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
