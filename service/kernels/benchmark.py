@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--kernel", default=None, help="default: triton on cuda, cpu on cpu")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=ARCHS, help="backbones to measure")
     args = parser.parse_args()
     device = torch.device(args.device)
     kernel = args.kernel or ("triton" if device.type == "cuda" else "cpu")
@@ -105,7 +106,7 @@ def main() -> None:
     ]
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
-    for arch in ARCHS:
+    for arch in args.archs:
         r = bench_arch(arch, device, DTYPES[args.dtype], kernel, args.repeats)
         print(
             f"| {arch} | {r['weights']:,} | {r['layers']} | {r['fused_ms']:.2f} | {r['fused_gbs']:.1f} | "
