@@ -24,6 +24,7 @@ from service.deadlines import StampArrival
 from service.drain import Drain
 from service.engine import Engine
 from service.errors import install_error_handlers
+from service.inference import DataPlane
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.prediction_limit import PredictionLimit
@@ -31,7 +32,7 @@ from service.registry import TaskRegistry
 from service.replica import ReplicaHeader, replica_name
 from service.request_context import RequestContext
 from service.routes import admin, health, tasks, ui, v2
-from service.settings import Settings
+from service.settings import Settings, backbone_load_problem
 from service.store_watcher import StoreWatcher
 
 log = logging.getLogger("piggyback.service")
@@ -40,20 +41,24 @@ log = logging.getLogger("piggyback.service")
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.5, 10.0
 
 
-async def _read_store_until_it_answers(registry: TaskRegistry, state) -> None:
-    """Start-up's first read of the store (every task proves itself with a forward: the warm-up),
-    retried with backoff while the store is unavailable (unreachable, its index damaged or missing):
-    `/readyz` says why meanwhile, and the replica becomes ready once the store is repaired instead of
-    staying unready for good while `/healthz` says ok."""
+async def _read_store_until_it_answers(engine: Engine, state) -> TaskRegistry:
+    """Start-up's opening and first read of the store (every task proves itself with a forward: the
+    warm-up), retried with backoff while the store is unavailable (unreachable, a missing bucket, refused
+    credentials, its index damaged or missing): `/readyz` says why meanwhile, and the replica becomes
+    ready once the store is repaired instead of staying unready for good while `/healthz` says ok."""
     delay = STORE_RETRY_FIRST_S
+    loop = asyncio.get_running_loop()
+    registry = None
     while True:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, registry.sync_with_store)
+            if registry is None:  # opening an S3 store checks its bucket: a network call
+                registry = await loop.run_in_executor(None, TaskRegistry.over_store_of, engine)
+            await loop.run_in_executor(None, registry.sync_with_store)
             state.store_wait = None
-            return
+            return registry
         except StoreUnavailable as exc:
             state.store_wait = f"waiting for the store (retry in {delay:g} s): {exc}"
-            registry.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
+            engine.metrics.store_sync_errors.labels(kind=type(exc).__name__).inc()
             log.warning("start-up: %s", state.store_wait)
             await asyncio.sleep(delay)
             delay = min(2 * delay, STORE_RETRY_MAX_S)
@@ -71,11 +76,20 @@ async def lifespan(app: FastAPI):
     async def start() -> None:
         try:
             engine = await asyncio.get_running_loop().run_in_executor(None, Engine, state.settings, state.metrics)
+        except Exception as exc:  # the settings make no backbone (weights unreadable, not downloadable...)
+            problem = backbone_load_problem(state.settings, exc)
+            state.startup_error = f"start-up failed: {problem}"
+            log.debug("backbone load failed", exc_info=True)
+            if state.stop_for_configuration is not None:  # `python -m service`: exit non-zero, no retry helps
+                state.stop_for_configuration(problem)
+            else:  # Ray Serve: the failed health check replaces the replica
+                log.error("start-up failed: %s", problem)
+            return
+        try:
             # The backbone and the libraries are loaded for good: out of the cyclic collector's sight, so its
             # full passes (while a 10,000-task index is parsed, say) scan only what requests allocate.
             gc.freeze()
-            registry = TaskRegistry.over_store_of(engine)
-            await _read_store_until_it_answers(registry, state)
+            registry = await _read_store_until_it_answers(engine, state)
         except Exception as exc:  # surfaced by /readyz and every route instead of a silent crash loop
             log.exception("start-up failed")
             state.startup_error = f"start-up failed: {exc}"
@@ -96,6 +110,7 @@ async def lifespan(app: FastAPI):
         state.watcher = StoreWatcher(registry, settings.store_poll_s)
         state.watcher.start()
         state.engine, state.registry = engine, registry
+        state.data_plane = DataPlane(registry, state.batcher, settings)
         state.ready.set()
         log.info("ready: %d tasks registered, %d resident", len(registry.registered()), len(registry.tasks()))
         for name, reason in registry.failed.items():
@@ -126,6 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.ready = threading.Event()
     app.state.startup_error = None
+    app.state.stop_for_configuration = None  # set by the server that runs the app (`service.server`)
     app.state.engine = None
     app.state.registry = None
     app.state.drain = Drain()

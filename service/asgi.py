@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from service.protocols import error_key_for
+
 
 def has_body(scope) -> bool:
     """Whether the request announces a body (a non-zero Content-Length, or a chunked one)."""
@@ -33,11 +35,6 @@ async def send_json_error(send, status: int, detail: str, headers=(), close: boo
         response_headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": response_headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def error_key_for(path: str) -> str:
-    """The JSON key of an error message on `path`: the Open Inference Protocol's "error", else "detail"."""
-    return "error" if path.startswith("/v2/") or path == "/v2" else "detail"
 
 
 class RefusedMidBody(Exception):

@@ -132,8 +132,7 @@ class Batcher:
             self.metrics.rejected.labels(reason="overloaded").inc()
             raise Overloaded(
                 f"server overloaded: {waiting} images already wait (at most {self.max_queued_images}); "
-                "retry after the Retry-After seconds",
-                retry_after_s=1,
+                "retry after the Retry-After seconds"
             )
 
     async def predict(self, task: LoadedTask, images: torch.Tensor, deadline: Deadline | None = None) -> torch.Tensor:

@@ -1,20 +1,17 @@
-"""FastAPI dependencies as Annotated aliases: the task registry, the batcher, readiness, the admin scheme."""
+"""FastAPI dependencies as Annotated aliases: the task registry, the data plane, readiness, the admin scheme."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
-from service.batcher import Batcher
 from service.deadlines import Deadline, disconnect_waiter
-from service.engine import LoadedTask
 from service.errors import NotReady
+from service.inference import DataPlane
 from service.metrics import Metrics
 from service.registry import TaskRegistry
 from service.settings import Settings
@@ -28,12 +25,6 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def serving_task(registry: TaskRegistry, name: str) -> LoadedTask:
-    """The task's live version: at once when resident, else loaded in a thread (store I/O and a proof
-    forward stay off the event loop; concurrent first requests share one load)."""
-    return registry.resident_task(name) or await run_in_threadpool(registry.task, name)
-
-
 def get_registry(request: Request) -> TaskRegistry:
     state = request.app.state
     if not state.ready.is_set():
@@ -41,12 +32,12 @@ def get_registry(request: Request) -> TaskRegistry:
     return state.registry
 
 
-async def get_batcher(
+async def get_data_plane(
     request: Request, registry: Annotated[TaskRegistry, Depends(get_registry)]
-) -> AsyncIterator[Batcher]:
-    """The batcher, for one admitted prediction: refused with 503 while draining, counted until it finishes."""
+) -> AsyncIterator[DataPlane]:
+    """The data plane, for one admitted prediction: refused with 503 while draining, counted until it finishes."""
     with request.app.state.drain.admit():
-        yield request.app.state.batcher
+        yield request.app.state.data_plane
 
 
 def get_deadline(
@@ -74,26 +65,6 @@ _bearer = HTTPBearer(auto_error=False, description="PIGGYBACK_ADMIN_TOKEN")
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
 AdminDep = Depends(_bearer)
 DeadlineDep = Annotated[Deadline, Depends(get_deadline)]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Everything a prediction route needs, whichever front door: one dependency instead of five."""
-
-    registry: TaskRegistry
-    batcher: Batcher
-    settings: Settings
-    metrics: Metrics
-    deadline: Deadline
-
-
-def get_prediction(
-    registry: RegistryDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep, deadline: DeadlineDep
-) -> Prediction:
-    return Prediction(registry, batcher, settings, metrics, deadline)
-
-
-PredictionDep = Annotated[Prediction, Depends(get_prediction)]

@@ -23,7 +23,7 @@ class Drain:
     @contextmanager
     def admit(self) -> Iterator[None]:
         if self.draining:
-            raise Overloaded("server is shutting down; retry on another replica", retry_after_s=1)
+            raise Overloaded("server is shutting down; retry on another replica")
         self.inflight += 1
         try:
             yield

@@ -17,6 +17,9 @@ from mask_store import (
     UnsupportedImage,
 )
 from mask_store.objects import ObjectConflict
+from service.protocols import error_key_for
+
+RETRY_AFTER_S = 1  # every 503 says when to come back: the overload and the outage are expected to pass
 
 
 class ServiceError(Exception):
@@ -49,18 +52,10 @@ class NotReady(ServiceError):
     status_code = 503
 
 
-class AdminDisabled(ServiceError):
-    status_code = 403
-
-
 class Overloaded(ServiceError):
     """Too many images already wait for the engine, or the server is draining: retry after a moment."""
 
     status_code = 503
-
-    def __init__(self, detail: str, retry_after_s: int = 1):
-        super().__init__(detail)
-        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class DeadlineExceeded(ServiceError):
@@ -113,32 +108,42 @@ def _publish_error_schema(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def error_response(request: Request, status: int, detail: str, kind: str, headers=None) -> JSONResponse:
+    """Every error the app answers: counted by kind, worded in the protocol of the path
+    (`service.protocols`), and a 503 says when to retry."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(kind=kind).inc()
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+    return JSONResponse({error_key_for(request.url.path): detail}, status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     _publish_error_schema(app)
 
-    def respond(request: Request, status: int, detail: str, kind: str, headers=None) -> JSONResponse:
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.errors.labels(kind=kind).inc()
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(request, exc.status_code, str(exc.detail), f"HTTP{exc.status_code}", exc.headers)
+        return error_response(request, exc.status_code, str(exc.detail), f"HTTP{exc.status_code}", exc.headers)
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        return respond(request, exc.status_code, str(exc), error_kind(exc), getattr(exc, "headers", None))
+        return error_response(request, exc.status_code, str(exc), error_kind(exc))
 
     for error, status in STATUS_BY_ERROR.items():
         app.add_exception_handler(
-            error, lambda request, exc, status=status: respond(request, status, str(exc), error_kind(exc))
+            error, lambda request, exc, status=status: error_response(request, status, str(exc), error_kind(exc))
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg')}")
-        return respond(request, 422, "invalid request: " + "; ".join(parts), "RequestValidationError")
+        return error_response(request, 422, validation_message(exc), "RequestValidationError")
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)

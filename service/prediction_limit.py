@@ -17,12 +17,10 @@ connection reset on the client's side.
 
 from __future__ import annotations
 
-import re
+from service.asgi import RefusedMidBody, count_error, has_body, run_refusing_mid_body, send_json_error
+from service.errors import RETRY_AFTER_S
+from service.protocols import error_key_for, is_prediction
 
-from service.asgi import RefusedMidBody, count_error, error_key_for, has_body, run_refusing_mid_body, send_json_error
-
-PREDICTION_PATH = re.compile(r"^/(tasks/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
-RETRY_AFTER_S = 1
 RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
 
 
@@ -57,7 +55,7 @@ class PredictionLimit:
         )
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not PREDICTION_PATH.match(scope["path"]):
+        if scope["type"] != "http" or not is_prediction(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         if _draining(scope):
             detail = "server is shutting down; retry on another replica"

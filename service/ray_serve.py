@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import socket
 import time
 from typing import Any
@@ -50,19 +49,15 @@ from starlette.responses import JSONResponse, Response
 from mask_store import TaskNotFound
 from service.admin_auth import ADMIN_PREFIX, admin_refusal
 from service.app import create_app
-from service.asgi import error_key_for
 from service.deadlines import requested_timeout
-from service.deps import serving_task
-from service.errors import NotReady
-from service.prediction_limit import PREDICTION_PATH
+from service.errors import RETRY_AFTER_S, NotReady
+from service.inference import serving_task
+from service.protocols import error_key_for, is_prediction, task_of
 from service.settings import Settings
 
-# the task a request is for: our own routes and the Open Inference Protocol's per-model routes
-TASK_PATH = re.compile(r"^/(?:tasks|v2/models)/([^/]+)/")
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 METRICS_TARGETS_ACTOR = "piggyback-metrics-targets"
 NAMESPACE = "piggyback"
-RETRY_AFTER_S = "1"
 ADMIN_BODY_SLACK = 1024 * 1024  # as in the app: room for the multipart framing around an artifact
 # Serve's own bound on the router's requests sits above our cap, so that past the cap the client gets
 # the router's quick 503 rather than a request parked in the proxy's queue.
@@ -187,7 +182,7 @@ def _refuse(request: Request, status: int, detail: str, headers: dict | None = N
 
 
 def _unavailable(request: Request, detail: str) -> JSONResponse:
-    return _refuse(request, 503, detail, {"Retry-After": RETRY_AFTER_S})
+    return _refuse(request, 503, detail, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _TooLarge(Exception):
@@ -270,7 +265,7 @@ class TaskRouter:
 
         None for other routes, and for an unreadable `X-Request-Timeout`, which the app answers with 422.
         """
-        if request.method != "POST" or not PREDICTION_PATH.match(request.url.path):
+        if not is_prediction(request.method, request.url.path):
             return None
         raw = request.headers.get("x-request-timeout")
         asked = requested_timeout(raw)
@@ -299,8 +294,8 @@ class TaskRouter:
         headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
         payload = {"method": request.method, "url": url, "headers": headers, "body": body, "deadline": deadline}
         handle = self.replicas
-        if self.routing and (match := TASK_PATH.match(path)):
-            handle = handle.options(multiplexed_model_id=match.group(1))
+        if self.routing and (task := task_of(path)) is not None:
+            handle = handle.options(multiplexed_model_id=task)
         try:
             reply = await handle.remote(payload)
         except BackPressureError:

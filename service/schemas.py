@@ -89,3 +89,10 @@ class FailedTask(BaseModel):
     name: str
     status: Literal["failed"] = "failed"
     error: str
+
+
+class Unready(BaseModel):
+    """`/readyz` while the replica cannot serve: why, in `detail`."""
+
+    status: Literal["not ready", "draining"]
+    detail: str

@@ -79,6 +79,7 @@ class InferRequest:
     inputs: list[InputTensor]
     outputs: list[RequestedOutput] | None  # None: every output, in `default_binary` form
     default_binary: bool = False
+    classification: int | None = None  # request-level classification extension: every output's top k
 
 
 @dataclass
@@ -211,7 +212,8 @@ def parse_infer_request(body: bytes, header_length: str | None, max_values: int)
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
-    return InferRequest(id=request_id, inputs=inputs, outputs=outputs, default_binary=default_binary)
+    classification = _top_k(parameters.get("classification"), "parameters.classification")
+    return InferRequest(request_id, inputs, outputs, default_binary, classification)
 
 
 def _check_value_count(json_text: bytes, max_values: int) -> None:
@@ -239,14 +241,17 @@ def _requested_output(raw: Any, what: str, default_binary: bool) -> RequestedOut
     if not isinstance(raw.get("name"), str):
         raise BadRequest(f"{what} needs a string 'name'")
     binary = parameters.get("binary_data", default_binary)
-    classification = parameters.get("classification")
     if not isinstance(binary, bool):
         raise BadRequest(f"{what}.parameters.binary_data must be true or false")
-    if classification is not None and (
-        not isinstance(classification, int) or isinstance(classification, bool) or classification < 1
-    ):
-        raise BadRequest(f"{what}.parameters.classification must be a positive integer (the k of top-k)")
+    classification = _top_k(parameters.get("classification"), f"{what}.parameters.classification")
     return RequestedOutput(name=raw["name"], binary=binary, classification=classification)
+
+
+def _top_k(value: Any, what: str) -> int | None:
+    """The classification extension's k: a positive integer, or absent."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise BadRequest(f"{what} must be a positive integer (the k of top-k)")
+    return value
 
 
 def encode_infer_response(response: dict, outputs: list[OutputTensor]) -> tuple[bytes, dict[str, str]]:

@@ -9,12 +9,18 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import AdminDep, RegistryDep, SettingsDep
 from service.errors import BadRequest, PayloadTooLarge
+from service.protocols import TASKS
 from service.schemas import TaskInfo
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=TASKS.errors(401, 403, 503))
 
 
-@router.post("/tasks", status_code=status.HTTP_201_CREATED, response_model=TaskInfo)
+@router.post(
+    "/tasks",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskInfo,
+    responses=TASKS.errors(400, 409, 413, 422, 507),
+)
 async def register_task(
     artifact: Annotated[UploadFile, File(description="a task artifact written by `python -m training train`")],
     registry: RegistryDep,
@@ -31,13 +37,13 @@ async def register_task(
     return TaskInfo.from_manifest(task.manifest)
 
 
-@router.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/tasks/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=TASKS.errors(404))
 async def unregister_task(name: str, registry: RegistryDep) -> Response:
     await run_in_threadpool(registry.unregister, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/store/rebuild-index")
+@router.post("/store/rebuild-index", responses=TASKS.errors(409))
 async def rebuild_store_index(registry: RegistryDep) -> dict:
     """After the store's index was lost (deleted, or an emptied prefix restored without it): a new index
     naming every task object in the store, each read and validated. 409 while an index exists."""

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import MetricsDep
+from service.schemas import Unready
 
 router = APIRouter(tags=["health"])
 
@@ -16,7 +17,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"model": Unready, "description": "loading, failed to start, or draining"}})
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     if state.drain.draining:

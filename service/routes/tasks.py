@@ -5,20 +5,18 @@ from __future__ import annotations
 import bisect
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from mask_store import LiveTask
-from service.deps import PredictionDep, RegistryDep, serving_task
+from service.deps import DataPlaneDep, DeadlineDep, RegistryDep
 from service.engine import LoadedTask
-from service.errors import PayloadTooLarge
-from service.images import images_to_batch
-from service.prediction_metrics import observed_prediction
+from service.inference import DataPlane, EncodedImages
+from service.protocols import TASKS
 from service.registry import TaskRegistry
 from service.schemas import FailedTask, Prediction, PredictResponse, RegisteredTask, ScoredLabel, TaskInfo
 
-router = APIRouter(prefix="/tasks", tags=["tasks"])
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=TASKS.errors(503))
 
 
 MAX_PAGE = 1000
@@ -58,7 +56,7 @@ def _listed(
     return RegisteredTask(name=name, version=live.version, identity=live.identity)
 
 
-@router.get("/{name}", response_model=TaskInfo)
+@router.get("/{name}", response_model=TaskInfo, responses=TASKS.errors(404))
 async def describe_task(name: str, registry: RegistryDep) -> TaskInfo:
     """A resident task as it is served; a cold one from its stored artifact, without loading it here."""
     resident = registry.resident_task(name)
@@ -76,46 +74,29 @@ def _describe(registry: TaskRegistry, task: LoadedTask) -> TaskInfo:
     return info
 
 
-async def _read_uploads(images: list[UploadFile], max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
-    if len(images) > max_images:
-        raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_images} allowed")
+async def _read_uploads(images: list[UploadFile], plane: DataPlane) -> EncodedImages:
+    """The uploaded files, each read no further than one byte past the per-image limit."""
+    plane.check_count(len(images))
     blobs = []
     for index, upload in enumerate(images):
         name = upload.filename or f"images[{index}]"
-        data = await upload.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise PayloadTooLarge(f"{name}: larger than {max_bytes} bytes")
+        data = await upload.read(plane.settings.max_image_bytes + 1)
+        plane.check_size(name, len(data))
         blobs.append((name, data))
-    return blobs
+    return EncodedImages(blobs)
 
 
-def _predictions(probabilities: torch.Tensor, labels: tuple[str, ...], top_k: int) -> list[Prediction]:
-    k = min(top_k, len(labels))
-    scores, indices = probabilities.topk(k, dim=1)
-    results = []
-    for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True):
-        ranked = [ScoredLabel(label=labels[i], index=i, score=s) for s, i in zip(row_scores, row_indices, strict=True)]
-        results.append(Prediction(**ranked[0].model_dump(), top_k=ranked))
-    return results
-
-
-@router.post("/{name}/predict", response_model=PredictResponse)
+@router.post("/{name}/predict", response_model=PredictResponse, responses=TASKS.errors(400, 404, 408, 413, 415, 504))
 async def predict(
     name: str,
     images: Annotated[list[UploadFile], File(description="one or more image files")],
-    prediction: PredictionDep,
+    plane: DataPlaneDep,
+    deadline: DeadlineDep,
     top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
 ) -> PredictResponse:
-    batcher, settings = prediction.batcher, prediction.settings
-    with observed_prediction(prediction.metrics, name) as record:
-        task = await serving_task(prediction.registry, name)  # this version serves it even if replaced meanwhile
-        record.task_known = True
-        blobs = await _read_uploads(images, settings.max_images_per_request, settings.max_image_bytes)
-        with batcher.admission(len(blobs)):  # refused before a decode is spent on it; decodes count as queued
-            batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
-        probabilities = await batcher.predict(task, batch, prediction.deadline)
-        return PredictResponse(
-            task=task.manifest.task,
-            version=task.manifest.version,
-            predictions=_predictions(probabilities, task.manifest.labels, top_k),
-        )
+    answer = await plane.predict(name, None, lambda task: _read_uploads(images, plane), deadline)
+    predictions = []
+    for ranked in answer.top_k(top_k):
+        scored = [ScoredLabel(label=s.label, index=s.index, score=s.score) for s in ranked]
+        predictions.append(Prediction(**scored[0].model_dump(), top_k=scored))
+    return PredictResponse(task=answer.task.name, version=answer.task.version, predictions=predictions)

@@ -28,15 +28,22 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mask_store import TaskNotFound
 from service.asgi import RefusedMidBody
-from service.deps import Prediction, PredictionDep, RegistryDep, serving_task
+from service.deadlines import Deadline
+from service.deps import DataPlaneDep, DeadlineDep, RegistryDep
 from service.engine import LoadedTask
-from service.errors import BadRequest, PayloadTooLarge, error_kind, status_for
-from service.images import images_to_batch
-from service.prediction_metrics import observed_prediction
+from service.errors import BadRequest, error_kind, error_response, status_for, validation_message
+from service.inference import Answer, DataPlane, EncodedImages, Inputs, PreprocessedImages, serving_task
+from service.protocols import OPEN_INFERENCE
 from service.registry import TaskRegistry
-from service.v2_wire import HEADER_LENGTH, InputTensor, OutputTensor, encode_infer_response, parse_infer_request
+from service.v2_wire import (
+    HEADER_LENGTH,
+    InferRequest,
+    InputTensor,
+    OutputTensor,
+    encode_infer_response,
+    parse_infer_request,
+)
 
 log = logging.getLogger("piggyback.v2")
 
@@ -52,20 +59,18 @@ class UnsupportedEncoding(BadRequest):
 
 
 def protocol_error(request: Request, exc: Exception) -> JSONResponse:
-    """The protocol's error shape for any exception: client errors keep their status, the rest are 500."""
+    """Any exception in this protocol's words: client errors keep their status (a malformed request is
+    400, not 422), the rest are 500 with the details in the log, not in the answer."""
     if isinstance(exc, RequestValidationError):
-        status, message = 400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        status, message = 400, validation_message(exc)
     elif isinstance(exc, StarletteHTTPException):
         status, message = exc.status_code, str(exc.detail)
     else:
         status, message = status_for(exc), str(exc)
-    if status == 500:  # a bug, not the client's doing: the details go to the log, not to the client
+    if status == 500:
         log.error("V2 %s %s failed", request.method, request.url.path, exc_info=exc)
         message = f"internal error ({type(exc).__name__}); see the server log"
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.errors.labels(kind=error_kind(exc)).inc()
-    return JSONResponse({"error": message}, status_code=status, headers=getattr(exc, "headers", None))
+    return error_response(request, status, message, error_kind(exc), getattr(exc, "headers", None))
 
 
 class V2Route(APIRoute):
@@ -85,14 +90,16 @@ class V2Route(APIRoute):
         return handle
 
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], route_class=V2Route)
+router = APIRouter(
+    prefix="/v2",
+    tags=["Open Inference Protocol (KServe V2)"],
+    route_class=V2Route,
+    responses=OPEN_INFERENCE.errors(400),
+)
 
 
 async def _model(registry: TaskRegistry, name: str, version: str | None) -> LoadedTask:
-    task = await serving_task(registry, name)
-    if version is not None and version != str(task.manifest.version):
-        raise TaskNotFound(f"model {name!r} has no version {version!r}; it serves version {task.manifest.version}")
-    return task
+    return await serving_task(registry, name, version)
 
 
 @router.get("")
@@ -105,7 +112,7 @@ def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=OPEN_INFERENCE.errors(503))
 def ready(registry: RegistryDep) -> dict:
     return {"ready": True}
 
@@ -124,33 +131,32 @@ def _metadata(task: LoadedTask) -> dict:
     }
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=OPEN_INFERENCE.errors(404, 503))
 async def model_metadata(name: str, registry: RegistryDep) -> dict:
     return _metadata(await _model(registry, name, None))
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=OPEN_INFERENCE.errors(404, 503))
 async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> dict:
     return _metadata(await _model(registry, name, version))
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=OPEN_INFERENCE.errors(404, 503))
 async def model_ready(name: str, registry: RegistryDep) -> dict:
     return {"name": (await _model(registry, name, None)).manifest.task, "ready": True}
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", responses=OPEN_INFERENCE.errors(404, 503))
 async def model_version_ready(name: str, version: str, registry: RegistryDep) -> dict:
     return {"name": (await _model(registry, name, version)).manifest.task, "ready": True}
 
 
-def _image_blobs(tensor: InputTensor, max_images: int, max_bytes: int) -> list[tuple[str, bytes]]:
+def _image_blobs(tensor: InputTensor, plane: DataPlane) -> EncodedImages:
     if tensor.datatype != "BYTES":
         raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] with N >= 1, not {tensor.shape}")
-    if tensor.shape[0] > max_images:
-        raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; at most {max_images} allowed")
+    plane.check_count(tensor.shape[0])
     elements = tensor.as_bytes_elements()
     if len(elements) != tensor.shape[0]:
         raise BadRequest(f"input {IMAGE_INPUT!r}: {len(elements)} elements for shape {tensor.shape}")
@@ -162,56 +168,53 @@ def _image_blobs(tensor: InputTensor, max_images: int, max_bytes: int) -> list[t
                 element = base64.b64decode(element, validate=True)
             except binascii.Error as exc:
                 raise BadRequest(f"{name}: BYTES in JSON must be base64-encoded images ({exc})") from exc
-        if len(element) > max_bytes:
-            raise PayloadTooLarge(f"{name}: larger than {max_bytes} bytes")
+        plane.check_size(name, len(element))
         blobs.append((name, element))
-    return blobs
+    return EncodedImages(blobs)
 
 
-def _tensor_batch(tensor: InputTensor, size: int, max_images: int) -> torch.Tensor:
+def _tensor_batch(tensor: InputTensor, size: int, plane: DataPlane) -> PreprocessedImages:
     if tensor.datatype != "FP32":
         raise BadRequest(f"input {TENSOR_INPUT!r} must be FP32 (preprocessed images), not {tensor.datatype}")
     if len(tensor.shape) != 4 or tensor.shape[0] < 1 or tensor.shape[1:] != [3, size, size]:
         raise BadRequest(f"input {TENSOR_INPUT!r} must have shape [N, 3, {size}, {size}], N >= 1; not {tensor.shape}")
-    if tensor.shape[0] > max_images:
-        raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; at most {max_images} allowed")
+    plane.check_count(tensor.shape[0])
     array = tensor.as_numpy()
     if not np.isfinite(array).all():
         raise BadRequest(f"input {TENSOR_INPUT!r} holds NaN or infinite values")
-    return torch.from_numpy(array.copy())
+    return PreprocessedImages(torch.from_numpy(array.copy()))
 
 
-def _outputs(request_outputs, default_binary: bool, probabilities: torch.Tensor, labels) -> list[OutputTensor]:
-    requested = request_outputs if request_outputs is not None else [None]
+def _outputs(parsed: InferRequest, answer: Answer) -> list[OutputTensor]:
+    """The requested outputs (all of them by default): probabilities, or with the classification
+    extension (`parameters.classification` on an output, or on the request for every output) the top k."""
+    requested = parsed.outputs if parsed.outputs is not None else [None]
     outputs = []
     for wanted in requested:
-        binary = default_binary if wanted is None else wanted.binary
+        binary = parsed.default_binary if wanted is None else wanted.binary
         if wanted is not None and wanted.name != OUTPUT:
             raise BadRequest(f"unknown output {wanted.name!r}; this model answers {OUTPUT!r}")
-        if wanted is None or wanted.classification is None:
+        k = wanted.classification if wanted is not None and wanted.classification is not None else parsed.classification
+        if k is None:
+            probabilities = answer.probabilities
             outputs.append(OutputTensor(OUTPUT, "FP32", list(probabilities.shape), probabilities.numpy(), binary))
             continue
-        k = min(wanted.classification, len(labels))
-        scores, indices = probabilities.topk(k, dim=1)
-        values = [
-            f"{score}:{index}:{labels[index]}".encode()
-            for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
-            for score, index in zip(row_scores, row_indices, strict=True)
-        ]
-        outputs.append(OutputTensor(OUTPUT, "BYTES", [len(probabilities), k], values, binary))
+        ranked = answer.top_k(k)
+        values = [f"{s.score}:{s.index}:{s.label}".encode() for row in ranked for s in row]
+        outputs.append(OutputTensor(OUTPUT, "BYTES", [len(ranked), len(ranked[0])], values, binary))
     return outputs
 
 
-async def _infer(name: str, version: str | None, request: Request, prediction: Prediction) -> Response:
-    registry, batcher, settings = prediction.registry, prediction.batcher, prediction.settings
-    with observed_prediction(prediction.metrics, name) as record:
-        task = await _model(registry, name, version)  # the request keeps this version even if it is replaced meanwhile
-        record.task_known = True
+async def _infer(name: str, version: str | None, request: Request, plane: DataPlane, deadline: Deadline) -> Response:
+    parsed: InferRequest | None = None
+
+    async def read(task: LoadedTask) -> Inputs:
+        nonlocal parsed
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; send the request uncompressed")
         size = task.manifest.preprocess.size
-        max_values = settings.max_images_per_request * 3 * size * size + JSON_VALUES_BESIDE_DATA
+        max_values = plane.settings.max_images_per_request * 3 * size * size + JSON_VALUES_BESIDE_DATA
         # Parsing and encoding a body of many MB take seconds of CPU: in a thread, so the event loop
         # (health checks, other clients) never waits on them.
         body = await request.body()
@@ -220,23 +223,21 @@ async def _infer(name: str, version: str | None, request: Request, prediction: P
             raise BadRequest(f"send exactly one input, {IMAGE_INPUT!r} or {TENSOR_INPUT!r}; got {len(parsed.inputs)}")
         tensor = parsed.inputs[0]
         if tensor.name == IMAGE_INPUT:
-            blobs = await run_in_threadpool(
-                _image_blobs, tensor, settings.max_images_per_request, settings.max_image_bytes
-            )
-            with batcher.admission(len(blobs)):  # the same queue bound as /tasks/{name}/predict
-                batch = await run_in_threadpool(images_to_batch, blobs, task.transform, settings.max_image_pixels)
-        elif tensor.name == TENSOR_INPUT:
-            batch = await run_in_threadpool(_tensor_batch, tensor, size, settings.max_images_per_request)
-            batcher.check_admission(len(batch))
-        else:
-            raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
-        probabilities = await batcher.predict(task, batch, prediction.deadline)
-        outputs = _outputs(parsed.outputs, parsed.default_binary, probabilities, task.manifest.labels)
-        response = {"model_name": task.manifest.task, "model_version": str(task.manifest.version)}
-        if parsed.id is not None:
-            response["id"] = parsed.id
-        body, headers = await run_in_threadpool(encode_infer_response, response, outputs)
-        return Response(body, headers=headers)
+            return await run_in_threadpool(_image_blobs, tensor, plane)
+        if tensor.name == TENSOR_INPUT:
+            return await run_in_threadpool(_tensor_batch, tensor, size, plane)
+        raise BadRequest(f"unknown input {tensor.name!r}; send {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
+
+    answer = await plane.predict(name, version, read, deadline)
+    outputs = _outputs(parsed, answer)
+    response = {"model_name": answer.task.name, "model_version": str(answer.task.version)}
+    if parsed.id is not None:
+        response["id"] = parsed.id
+    body, headers = await run_in_threadpool(encode_infer_response, response, outputs)
+    return Response(body, headers=headers)
+
+
+INFER_ERRORS = OPEN_INFERENCE.errors(404, 408, 413, 415, 503, 504)
 
 
 # The body is read raw (JSON, or JSON + binary tensors); this documents it in /docs.
@@ -257,11 +258,13 @@ INFER_BODY = {
 }
 
 
-@router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
-async def infer(name: str, request: Request, prediction: PredictionDep) -> Response:
-    return await _infer(name, None, request, prediction)
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
+async def infer(name: str, request: Request, plane: DataPlaneDep, deadline: DeadlineDep) -> Response:
+    return await _infer(name, None, request, plane, deadline)
 
 
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
-async def infer_version(name: str, version: str, request: Request, prediction: PredictionDep) -> Response:
-    return await _infer(name, version, request, prediction)
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
+async def infer_version(
+    name: str, version: str, request: Request, plane: DataPlaneDep, deadline: DeadlineDep
+) -> Response:
+    return await _infer(name, version, request, plane, deadline)
