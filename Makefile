@@ -32,11 +32,14 @@ system-deps:
 demo: $(VENV)/.installed system-deps
 	$(PY) -m training demo --out $(DEMO_DIR)
 
+# the demo's backbone, weights and store unless PIGGYBACK_* say otherwise; it says which it serves
 serve: demo
-	PIGGYBACK_BACKBONE=$${PIGGYBACK_BACKBONE:-mobilenet_v2} \
-	PIGGYBACK_WEIGHTS=$${PIGGYBACK_WEIGHTS:-$(DEMO_WEIGHTS)} \
-	PIGGYBACK_STORE=$${PIGGYBACK_STORE:-$(DEMO_DIR)/store} \
-	$(PY) -m service
+	@export PIGGYBACK_BACKBONE="$${PIGGYBACK_BACKBONE:-mobilenet_v2}" \
+	  PIGGYBACK_WEIGHTS="$${PIGGYBACK_WEIGHTS:-$(DEMO_WEIGHTS)}" PIGGYBACK_STORE="$${PIGGYBACK_STORE:-$(DEMO_DIR)/store}"; \
+	echo "serving PIGGYBACK_BACKBONE=$$PIGGYBACK_BACKBONE PIGGYBACK_WEIGHTS=$$PIGGYBACK_WEIGHTS PIGGYBACK_STORE=$$PIGGYBACK_STORE"; \
+	if [ "$$PIGGYBACK_STORE" != "$(DEMO_DIR)/store" ]; then \
+	  echo "  (PIGGYBACK_STORE is set: the demo tasks in $(DEMO_DIR)/store are not served)"; fi; \
+	exec $(PY) -m service
 
 test: $(VENV)/.installed system-deps
 	$(PY) -m ruff check .

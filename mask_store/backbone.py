@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from mask_store.architectures import check_architecture
-from mask_store.errors import BackboneMismatch, UnsupportedArchitecture
+from mask_store.errors import BackboneMismatch, UnsupportedArchitecture, WeightsUnavailable
 from mask_store.weights import verify_weights_file
 
 MASKABLE_TYPES = (nn.Conv2d, nn.Linear)
@@ -79,6 +79,23 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _torchvision_weights(arch: str, name: str) -> nn.Module:
+    """`arch` with torchvision's weights `name`, from torch hub's cache or downloaded (needs internet)."""
+    try:
+        torchvision.models.get_model_weights(arch).verify(name)
+    except (KeyError, ValueError):
+        known = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+        raise WeightsUnavailable(f"{name} is not a torchvision weights name of {arch} (known: {known})") from None
+    try:
+        return torchvision.models.get_model(arch, weights=name)
+    except OSError as exc:  # urllib's URLError (no DNS, no route, refused) and a failed or partial write
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise WeightsUnavailable(
+            f"tried to download torchvision's {arch} weights {name} and failed ({reason}): a weights name needs "
+            "the internet (or torch hub's cache); offline, give a local state_dict file instead"
+        ) from exc
+
+
 def build_backbone(arch: str, weights: str | Path | None = None) -> nn.Module:
     """A torchvision classifier in eval mode with the given weights.
 
@@ -103,7 +120,7 @@ def build_backbone(arch: str, weights: str | Path | None = None) -> nn.Module:
         except RuntimeError as exc:
             raise BackboneMismatch(f"{path} does not fit {arch}: {exc}") from exc
     elif weights is not None and str(weights).isupper():
-        model = torchvision.models.get_model(arch, weights=str(weights))
+        model = _torchvision_weights(arch, str(weights))
     elif weights is not None:
         raise FileNotFoundError(f"weights file {weights} does not exist")
     else:

@@ -27,3 +27,8 @@ class UnsupportedImage(MaskStoreError):
 
 class CorruptWeights(MaskStoreError):
     """A backbone weights file whose sha256 does not match the hash prefix in its torchvision-style name."""
+
+
+class WeightsUnavailable(MaskStoreError):
+    """Backbone weights named the torchvision way (IMAGENET1K_V2) that are no such weights, or that could not
+    be downloaded (no internet): say so, rather than a bare network error."""

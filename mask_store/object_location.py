@@ -16,8 +16,9 @@ def is_s3_location(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith("s3://")
 
 
-def open_objects(location: str | Path | ObjectStore) -> ObjectStore:
-    """The backend for `location` (an open store passes through); an S3 bucket is checked here, at start-up."""
+def open_objects(location: str | Path | ObjectStore, named_by: str = "PIGGYBACK_STORE") -> ObjectStore:
+    """The backend for `location` (an open store passes through); an S3 bucket is checked here, at start-up.
+    `named_by`: where the location came from (a setting, a command-line option), for the messages."""
     if isinstance(location, ObjectStore):
         return location
     if not is_s3_location(location):
@@ -26,6 +27,6 @@ def open_objects(location: str | Path | ObjectStore) -> ObjectStore:
         from mask_store.s3_objects import S3Objects
     except ImportError as exc:
         raise StoreUnavailable(
-            f"PIGGYBACK_STORE={location} needs the S3 backend: pip install 'piggyback-serve[s3]' ({exc})"
+            f"{named_by} {location} needs the S3 backend: pip install 'piggyback-serve[s3]' ({exc})"
         ) from exc
-    return S3Objects(str(location))
+    return S3Objects(str(location), named_by=named_by)

@@ -34,11 +34,12 @@ PROBE_KEY = ".piggyback-write-check"
 CREDENTIAL_SETTINGS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 
 
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix/"); the prefix is "" or ends in "/"."""
+def parse_s3_url(url: str, named_by: str = "PIGGYBACK_STORE") -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix/"); the prefix is "" or ends in "/".
+    `named_by`: where the URL came from (a setting, a command-line option), for the messages."""
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise StoreUnavailable(f"PIGGYBACK_STORE={url!r} is not an s3://bucket/prefix URL")
+        raise StoreUnavailable(f"{named_by} {url!r} is not an s3://bucket/prefix URL")
     prefix = parsed.path.strip("/")
     return parsed.netloc, f"{prefix}/" if prefix else ""
 
@@ -56,17 +57,22 @@ def _is_hidden(key: str) -> bool:
 
 
 class S3Objects(ObjectStore):
-    """Objects under `s3://bucket/prefix`. Checks at construction that the bucket is reachable."""
+    """Objects under `s3://bucket/prefix`. Checks at construction that the bucket is reachable.
+
+    `named_by` is where the URL came from (the server's PIGGYBACK_STORE, the training CLI's --out): the
+    messages say what to fix there."""
 
     def __init__(
         self,
         url: str,
         *,
+        named_by: str = "PIGGYBACK_STORE",
         connect_timeout: float = 2.0,
         read_timeout: float = 10.0,
         max_attempts: int = 3,
     ):
-        self.bucket, self.prefix = parse_s3_url(url)
+        self.named_by = named_by
+        self.bucket, self.prefix = parse_s3_url(url, named_by)
         self.url = f"s3://{self.bucket}/{self.prefix}"
         session = boto3.session.Session()
         config = Config(
@@ -105,7 +111,7 @@ class S3Objects(ObjectStore):
         detail = f"{code or status}: {error.get('Message') or 'no message'}"
         if code in ("NoSuchBucket",) or (operation == "HeadBucket" and status == 404):
             return StoreUnavailable(
-                f"{where}: bucket {self.bucket!r} does not exist; create it or fix the bucket in PIGGYBACK_STORE"
+                f"{where}: bucket {self.bucket!r} does not exist; create it or fix the bucket in {self.named_by}"
             )
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
             return StoreUnavailable(f"{where}: the credentials were refused ({detail}); fix {CREDENTIAL_SETTINGS}")

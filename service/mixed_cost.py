@@ -5,12 +5,15 @@ cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1
 the convolutions are compute-bound and the grouped forward lost (0.78x). On a GPU the break-even moves
 again. So the batcher asks this model, which times a few real forwards per input shape (per-task at 1
 and B images, mixed at 2 and B images, stacking included) and fits each path as fixed + per-image
-cost. A batch is mixed only where the fitted mixed cost is below the sum of the per-task ones.
+cost. A batch is mixed only where the fitted mixed cost is below the sum of the per-task ones by a
+margin (`MARGIN`). The four timings are taken in interleaved rounds and each is the median of its
+rounds, so a burst of other work on the machine slows both paths alike instead of deciding for one.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +25,8 @@ from service.engine import Engine, LoadedTask
 
 log = logging.getLogger("piggyback.mixed_cost")
 PROBE_IMAGES = 8  # the larger batch each path is timed at (capped by the mixed budget)
+ROUNDS = 5  # interleaved timings of each point, after one warm-up round; the median counts
+MARGIN = 0.9  # mixed only when predicted at most 90% of the per-task time: a near tie is not worth the risk
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class Line:
 
     @classmethod
     def through(cls, small: tuple[int, float], large: tuple[int, float]) -> Line:
+        if large[0] == small[0]:  # one point (a budget of two images): all of it counted per image
+            return cls(fixed=0.0, per_image=small[1] / small[0])
         per_image = max((large[1] - small[1]) / (large[0] - small[0]), 0.0)
         return cls(fixed=max(small[1] - per_image * small[0], 0.0), per_image=per_image)
 
@@ -47,7 +54,7 @@ class ForwardCosts:
 
     def mixed_is_faster(self, counts: list[int]) -> bool:
         """One mixed forward over groups of `counts` images, against one forward per group."""
-        return self.mixed.at(sum(counts)) < sum(self.per_task.at(count) for count in counts)
+        return self.mixed.at(sum(counts)) <= MARGIN * sum(self.per_task.at(count) for count in counts)
 
     def describe(self) -> str:
         p, m = self.per_task, self.mixed
@@ -93,29 +100,36 @@ class MixedCostModel:
         engine, tasks = self.engine, tasks[:2]
         params = [engine.materialized(task) for task in tasks]
         batch = torch.randn(images, *shape, generator=torch.Generator().manual_seed(0))
-        per_task = Line.through(
-            (1, _best_of(lambda: engine.forward_with(params[0], batch[:1]).cpu())),
-            (images, _best_of(lambda: engine.forward_with(params[0], batch).cpu())),
-        )
 
-        def mixed(n: int) -> float:
+        def mixed(n: int) -> Callable[[], object]:
             chosen = [i % len(tasks) for i in range(n)]
             group_tasks, group_params = [tasks[i] for i in chosen], [params[i] for i in chosen]
             group_images = [batch[i : i + 1] for i in range(n)]
-            return _best_of(lambda: engine.forward_mixed_with(group_tasks, group_params, group_images).cpu())
+            return lambda: engine.forward_mixed_with(group_tasks, group_params, group_images).cpu()
 
-        costs = ForwardCosts(per_task=per_task, mixed=Line.through((2, mixed(2)), (images, mixed(images))))
+        t1, tb, m2, mb = _medians(
+            [
+                lambda: engine.forward_with(params[0], batch[:1]).cpu(),
+                lambda: engine.forward_with(params[0], batch).cpu(),
+                mixed(2),
+                mixed(images),
+            ]
+        )
+        costs = ForwardCosts(per_task=Line.through((1, t1), (images, tb)), mixed=Line.through((2, m2), (images, mb)))
         self._costs[shape] = costs
         log.info("mixed batches at %s: %s", shape, costs.describe())
         return costs
 
 
-def _best_of(forward: Callable[[], object], repeats: int = 2) -> float:
-    """The fastest of `repeats` timed runs after one warm-up (the first run pays one-off allocations)."""
-    forward()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
+def _medians(forwards: list[Callable[[], object]]) -> list[float]:
+    """Each forward's median time over ROUNDS interleaved rounds, after a warm-up round (the first run
+    pays one-off allocations)."""
+    for forward in forwards:
         forward()
-        best = min(best, time.perf_counter() - started)
-    return best
+    samples: list[list[float]] = [[] for _ in forwards]
+    for _ in range(ROUNDS):
+        for forward, times in zip(forwards, samples, strict=True):
+            started = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - started)
+    return [statistics.median(times) for times in samples]

@@ -5,6 +5,9 @@ listener stays open (a load balancer still routing here gets an answer, not a re
 connection); predictions already admitted finish, and uvicorn closes the connections, all within
 `PIGGYBACK_DRAIN_S` whatever clients do (requests unfinished by then are cancelled); the process
 exits 0. A second SIGTERM, or SIGINT, exits without waiting.
+
+A start-up that finds its settings cannot make a backbone (weights that cannot be read or downloaded)
+stops the server instead: `configuration_error` says why, and `python -m service` exits non-zero.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ class DrainingServer(uvicorn.Server):
         self.drain_s = drain_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drainer: asyncio.Task | None = None
+        self.configuration_error: str | None = None
+        app.state.stop_for_configuration = self._stop_for_configuration
+
+    def _stop_for_configuration(self, problem: str) -> None:
+        """Called on the event loop by the app's start-up: no retry can help, so stop rather than stay unready."""
+        self.configuration_error = problem
+        self.should_exit = True
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ from mask_store.backbone import maskable_layers
 from mask_store.synthetic import random_task_artifact
 from service.engine import Engine
 from service.metrics import Metrics
+from service.mixed_cost import MixedCostModel
 from service.registry import TaskRegistry
 from tests.conftest import server_settings
 from tests.servers import metric, png_bytes, serve_in_thread
@@ -118,3 +119,17 @@ def test_mixed_batches_through_the_real_server_answer_as_each_task_alone(tmp_pat
     assert mixed_forwards >= 1
     for got, own in zip(together, alone, strict=True):
         torch.testing.assert_close(torch.tensor(scores(got)), torch.tensor(scores(own)), rtol=0, atol=TOLERANCE)
+
+
+def test_the_cost_model_times_both_paths_on_this_machine_without_touching_the_cache(tmp_path):
+    engine, tasks = engine_with_tasks("mobilenet_v2", 16, tmp_path)
+    before = (engine.cache.allocated, [task.identity in engine.cache for task in tasks])
+    costs = MixedCostModel(engine).calibrate(tasks[:2])
+    assert costs is not None
+    for line in (costs.per_task, costs.mixed):
+        assert line.fixed >= 0 and line.per_image >= 0 and line.at(8) > 0
+    assert isinstance(costs.mixed_is_faster([1, 1, 1]), bool)
+    assert (engine.cache.allocated, [task.identity in engine.cache for task in tasks]) == before
+    (tmp_path / "tight").mkdir()
+    tight, tight_tasks = engine_with_tasks("mobilenet_v2", 16, tmp_path / "tight", mixed_budget_mb=12)
+    assert MixedCostModel(tight).calibrate(tight_tasks[:2]) is None  # 12 MB hold one mobilenet_v2 image: never mixed

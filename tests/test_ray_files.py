@@ -36,7 +36,7 @@ def test_serve_configs_validate_and_point_at_real_code_and_settings(config):
     fields = {f"PIGGYBACK_{name.upper()}" for name in Settings.model_fields}
     variables = set(application.runtime_env["env_vars"])
     assert variables <= fields, variables - fields
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     assert all(variable in readme for variable in variables), [v for v in variables if v not in readme]
 
 

@@ -1,4 +1,4 @@
-"""The README's Ray quick start, run as written: the first `sh` block under "Scale out (Ray Serve)".
+"""The Ray quick start in docs/deploy.md, run as written: the first `sh` block under "Scale out (Ray Serve)".
 
 A fresh bash (`-euo pipefail`: any failing line fails the test) with a fresh `HOME`, so no Ray token
 exists yet, as on a new machine. It runs in a scratch directory holding what the README assumes: the
@@ -33,8 +33,8 @@ DEFAULT_PORTS = (6379, 8265, 8000, 10001, 52365)  # GCS, dashboard, Serve proxy,
 
 
 def quick_start() -> str:
-    """The commands of the README's Ray quick start, verbatim."""
-    section = (ROOT / "README.md").read_text().split(HEADING, 1)[1]
+    """The commands of the Ray quick start (docs/deploy.md), verbatim."""
+    section = (ROOT / "docs" / "deploy.md").read_text().split(HEADING, 1)[1]
     return re.search(r"^```sh\n(.*?)^```", section, re.S | re.M).group(1)
 
 

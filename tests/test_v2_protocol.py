@@ -270,7 +270,7 @@ def test_v2_requests_are_counted_in_the_same_metrics(server, client):
 
 def test_readme_example_runs(server, tmp_path):
     base, _ = server
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     section = readme[readme.index("## Open Inference Protocol") :]
     example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python\n") + 10)]
     statements = [line for line in example.splitlines() if line.strip() and not line.startswith(("from ", "import "))]

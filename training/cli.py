@@ -14,7 +14,7 @@ from torchvision import transforms
 from mask_store import BackboneLayout, Preprocess, TaskStore, artifact_bytes, build_backbone, build_transform
 from mask_store.errors import MaskStoreError
 from mask_store.fsio import atomic_write_bytes
-from mask_store.object_location import is_s3_location
+from mask_store.object_location import is_s3_location, open_objects
 from training import backbone_task
 from training.data import class_counts, image_folder
 from training.export import export_artifact
@@ -81,7 +81,14 @@ def _token_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _admin_token(args: argparse.Namespace) -> str:
-    return admin_token(args.token, args.token_file, os.environ.get(ADMIN_TOKEN_VARIABLE))
+    from_environment = os.environ.get(ADMIN_TOKEN_VARIABLE)
+    if args.token is None and args.token_file is None and from_environment is None:
+        needs = "--register needs" if args.command == "train" else "register needs"
+        raise InvalidArgument(
+            f"{needs} the server's admin token: pass --token TOKEN or --token-file FILE, or export "
+            f"{ADMIN_TOKEN_VARIABLE} in this shell (`{ADMIN_TOKEN_VARIABLE}=... make serve` sets it for make alone)"
+        )
+    return admin_token(args.token, args.token_file, from_environment)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -142,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = artifact_bytes(artifact)
     if is_s3_location(args.out):  # published through the store's index: replicas polling it serve it
         try:
-            TaskStore(args.out).put(data, layout)
+            TaskStore(open_objects(args.out, named_by="--out")).put(data, layout)
         except MaskStoreError as exc:  # never lose a finished model to the upload
             kept = Path(f"{artifact.manifest.task}-{artifact.manifest.version}.safetensors").absolute()
             atomic_write_bytes(kept, data)
@@ -159,17 +166,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"density {m.density:.3f}"
     )
     if args.register:
-        return cmd_register(data, args.register, token, kept=args.out)
+        return cmd_register(data, args.register, token, kept=args.out, trained=True)
     return 0
 
 
-def cmd_register(source: Path | bytes, url: str, token: str, kept: str | Path | None = None) -> int:
-    """Upload an artifact (a file, or bytes kept at `kept`); any failure is one line on stderr and exit
-    status 1 (the artifact is kept)."""
-    from training.register import RegistrationFailed, register_artifact
+def cmd_register(
+    source: Path | bytes, url: str, token: str, kept: str | Path | None = None, trained: bool = False
+) -> int:
+    """Upload an artifact (a file, or bytes kept at `kept`; `trained`: by `train --register`); any failure
+    is one line on stderr and exit status 1 (the artifact is kept)."""
+    from training.register import RegistrationFailed, VersionNotHigher, register_artifact
 
     try:
         print(register_artifact(source, url, token))
+    except VersionNotHigher as exc:
+        # register has no --version: the version was fixed when train wrote the artifact
+        higher = f"--version {exc.live + 1} or higher"
+        todo = f"train again with {higher}" if trained else f"train it again with {higher}, then register that file"
+        sys.exit(f"error: registration failed: {exc}; {todo} (the artifact {kept or source} is kept)")
     except (RegistrationFailed, InvalidArgument) as exc:
         sys.exit(f"error: registration failed: {exc} (the artifact {kept or source} is kept)")
     return 0

@@ -100,7 +100,8 @@ def build_demo(out: Path) -> None:
             f"demo task {name}: validation accuracy {result.val_accuracy:.4f}, "
             f"{artifact.manifest.bits_per_param:.3f} bits/parameter"
         )
-    print(f"demo ready: PIGGYBACK_BACKBONE={DEMO_ARCH} PIGGYBACK_WEIGHTS={weights} PIGGYBACK_STORE={out / 'store'}")
+    # what was built, not what will be served: `make serve` says that, from the PIGGYBACK_* it runs with
+    print(f"demo built: the ImageNet {DEMO_ARCH} in {weights}, its tasks in the store {out / 'store'}")
 
 
 def export_offline_imagefolder(name: str, out: Path, limit: int | None) -> None:

@@ -21,7 +21,7 @@ from mask_store import TaskStore, maskable_layers
 from mask_store.errors import MaskStoreError
 from mask_store.image_modes import normalize_image
 from mask_store.manifest import MAX_VERSION, TASK_NAME_PATTERN, Preprocess
-from mask_store.object_location import is_s3_location
+from mask_store.object_location import is_s3_location, open_objects
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MAX_IMAGE_SIZE = Preprocess.model_fields["size"].metadata[1].le  # the artifact schema's own bound
@@ -114,7 +114,7 @@ def check_train_args(args: argparse.Namespace) -> None:
             f"--version must be 1 to {MAX_VERSION}, not {args.version} (omit it to use the current time)"
         )
     if is_s3_location(args.out):
-        TaskStore(args.out)  # wrong credentials or a missing bucket: said now, not after training
+        TaskStore(open_objects(args.out, named_by="--out"))  # wrong credentials or a missing bucket: said now
     else:
         _check_out_file(Path(args.out))
     if args.per_task_bn and args.batch_size < 2:
