@@ -12,7 +12,6 @@ from mask_store.artifact import (
     load_artifact,
     make_artifact,
     parse_artifact,
-    read_manifest,
     save_artifact,
 )
 from mask_store.backbone import (
@@ -70,7 +69,6 @@ __all__ = [
     "normalize_image",
     "parse_artifact",
     "offline_weights",
-    "read_manifest",
     "replace_head",
     "save_artifact",
     "verify_weights_file",

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -170,15 +169,6 @@ def save_artifact(artifact: TaskArtifact, path: str | Path) -> Path:
     path = Path(path)
     atomic_write_bytes(path, artifact_bytes(artifact))
     return path
-
-
-def read_manifest(path: str | Path) -> Manifest:
-    """Only the manifest (cheap: reads the header). Raises CorruptArtifact."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return _parse_manifest(handle.metadata())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptArtifact(f"{Path(path).name}: not a readable task artifact ({exc})") from exc
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str] | None:

@@ -80,9 +80,6 @@ class ObjectStore(ABC):
     def modified(self, key: str) -> float | None:
         """When the object was last written (seconds since the epoch), or None when it does not exist."""
 
-    def writable_check(self) -> None:  # noqa: B027 (optional hook; most backends learn it on the first write)
-        """Raise StoreUnavailable naming the setting to fix when the store cannot be written."""
-
 
 def _storage_error(exc: OSError, what: str) -> StoreUnavailable:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

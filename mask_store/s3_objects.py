@@ -30,7 +30,6 @@ from botocore.config import Config
 
 from mask_store.objects import ObjectConflict, ObjectStore, StoreUnavailable
 
-PROBE_KEY = ".piggyback-write-check"
 CREDENTIAL_SETTINGS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 
 
@@ -212,7 +211,3 @@ class S3Objects(ObjectStore):
             raise self._unavailable(exc, "ListObjectsV2", prefix) from exc
         return sorted(keys)
 
-    def writable_check(self) -> None:
-        """Write and delete a probe object: read-only keys fail here, at start-up, not on the first upload."""
-        self.put(PROBE_KEY, b"")
-        self.delete(PROBE_KEY)

@@ -35,18 +35,12 @@ import torch
 
 from service.deadlines import Deadline
 from service.engine import Engine, LoadedTask
-from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from service.mixed_cost import MixedCostModel
 from service.mixed_forward import NotMixable
 
 log = logging.getLogger("piggyback.batcher")
 PIPELINE_DEPTH = 2  # batches handed to the inference thread: one running, one assembled and ready
-
-
-class ClientDisconnected(ServiceError):
-    """The client closed the connection while its images were queued; nobody reads the answer."""
-
-    status_code = 499
 
 
 @dataclass(eq=False)

@@ -58,6 +58,18 @@ class Overloaded(ServiceError):
     status_code = 503
 
 
+class UnsupportedEncoding(ServiceError):
+    """A Content-Encoding the server does not decode (requests are sent uncompressed)."""
+
+    status_code = 415
+
+
+class ClientDisconnected(ServiceError):
+    """The client closed the connection while its images were queued; nobody reads the answer."""
+
+    status_code = 499
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its images reached a forward pass."""
 

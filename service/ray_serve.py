@@ -98,9 +98,10 @@ class PiggybackReplica:
         self.service = create_app(settings)
         self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.service), base_url="http://replica")
 
-        # Serve's per-replica LRU of "loaded models" is what the router's task routing reads.
-        async def hold(task: str) -> str:  # a plain function: Serve keeps its LRU on the function object
-            return await self._task(task)
+        # Serve's per-replica LRU of "loaded models" is what the router's task routing reads; a task it
+        # drops is unloaded from the registry too, so the two are one resident set.
+        async def hold(task: str) -> HeldTask:  # a plain function: Serve keeps its LRU on the function object
+            return HeldTask(self.service.state.registry, await self._task(task))
 
         self._hold_task = serve.multiplexed(max_num_models_per_replica=settings.ray_tasks_per_replica)(hold)
         node = ray.util.get_node_ip_address()
@@ -162,6 +163,20 @@ class PiggybackReplica:
         if state.startup_error is not None:
             raise RuntimeError(state.startup_error)
         await self._announce()
+
+
+class HeldTask:
+    """A task in Serve's multiplexed LRU. Serve calls `__del__` (in a thread) when it drops the task
+    from its LRU; the garbage collector calls it again later, which must then do nothing (the task may
+    have been loaded again since)."""
+
+    def __init__(self, registry, name: str) -> None:
+        self.registry, self.name, self.released = registry, name, False
+
+    def __del__(self) -> None:
+        if not self.released:
+            self.released = True
+            self.registry.unload(self.name)
 
 
 def _reply(status: int, body: dict) -> dict:

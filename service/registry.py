@@ -195,6 +195,19 @@ class TaskRegistry:
                 self.metrics.resident_evictions.inc()
         return evicted
 
+    def unload(self, name: str) -> bool:
+        """Stop keeping `name` resident (it stays registered and loads again on its next request); pinned
+        tasks stay. True when it was unloaded. Ray Serve's multiplexed LRU calls it when it drops a task,
+        so that LRU and this resident set are one."""
+        with self._lock:
+            if name in self._pinned or name not in self._tasks:
+                return False
+            task = self._tasks.pop(name)
+            self.metrics.resident_evictions.inc()
+            self._count_resident()
+        self.engine.retire(task)
+        return True
+
     def _resident_bytes(self) -> int:
         return sum(t.nbytes for t in self._tasks.values())
 

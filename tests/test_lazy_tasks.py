@@ -8,8 +8,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from mask_store import TaskStore, artifact_bytes
+from service.engine import Engine
+from service.metrics import Metrics
+from service.registry import TaskRegistry
 from tests.conftest import random_task_artifact, server_settings
 from tests.servers import metric, png_bytes, serve_in_thread
 from tests.test_serving_store_defects import _poison
@@ -68,3 +72,25 @@ def test_cold_tasks_load_on_first_use_within_the_resident_budget(tmp_path, backb
         refused = predict(base, "poison")  # found bad on first use: 404 with the reason, listed as failed
         assert refused.status_code == 404 and "non-finite" in refused.json()["detail"]
         assert httpx.get(f"{base}/readyz").json()["failed_tasks"].keys() == {"poison"}
+
+
+def test_a_task_dropped_from_ray_serves_lru_is_unloaded_once(tmp_path, backbone_file, resnet18):
+    """Serve's multiplexed LRU and the registry's resident set are one: Serve dropping a task unloads it
+    (pinned ones stay), and the garbage collector's later call does not unload it again."""
+    pytest.importorskip("ray")
+    from service.ray_serve import HeldTask
+
+    store = TaskStore(tmp_path / "store")
+    for name in ("a", "pinned"):
+        store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task=name, seed=len(name))))
+    engine = Engine(server_settings(backbone_file, tmp_path / "store", pinned_tasks="pinned"), Metrics())
+    registry = TaskRegistry.over_store_of(engine)
+    registry.sync_with_store()
+    assert {t.name for t in registry.tasks()} == {"a", "pinned"}
+    held, kept = HeldTask(registry, "a"), HeldTask(registry, "pinned")
+    held.__del__()  # Serve drops "a" from its LRU
+    kept.__del__()
+    assert {t.name for t in registry.tasks()} == {"pinned"}
+    reloaded = registry.task("a")  # its next request loads it again
+    del held  # the collector finalizes the dropped handle: "a" stays resident
+    assert registry.resident_task("a") is reloaded

@@ -150,6 +150,29 @@ def test_classification_extension_gives_our_top_k(server, client, binary):
     ]
 
 
+def test_classification_at_request_level_applies_to_every_output(server):
+    """`parameters: {"classification": k}` on the request (not only on an output) is honoured."""
+    base, _ = server
+    top_k = httpx.post(
+        f"{base}/tasks/alpha/predict", params={"top_k": 3}, files=[("images", ("a.png", IMAGES[0]))]
+    ).json()["predictions"][0]["top_k"]
+    request = {
+        "inputs": [
+            {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(IMAGES[0]).decode()]}
+        ],
+        "parameters": {"classification": 3},
+    }
+    answer = httpx.post(f"{base}/v2/models/alpha/infer", json=request)
+    assert answer.status_code == 200, answer.text
+    output = answer.json()["outputs"][0]
+    assert output["datatype"] == "BYTES" and output["shape"] == [1, 3]
+    assert [entry.split(":") for entry in output["data"]] == [
+        [str(t["score"]), str(t["index"]), t["label"]] for t in top_k
+    ]
+    bad = httpx.post(f"{base}/v2/models/alpha/infer", json={**request, "parameters": {"classification": 0}})
+    assert bad.status_code == 400 and "classification" in bad.json()["error"]
+
+
 def infer_error(client, model: str, tensor, version: str = "") -> InferenceServerException:
     with pytest.raises(InferenceServerException) as caught:
         client.infer(model, [tensor], model_version=version)

@@ -32,7 +32,14 @@ from service.asgi import RefusedMidBody
 from service.deadlines import Deadline
 from service.deps import DataPlaneDep, DeadlineDep, RegistryDep
 from service.engine import LoadedTask
-from service.errors import BadRequest, error_kind, error_response, status_for, validation_message
+from service.errors import (
+    BadRequest,
+    UnsupportedEncoding,
+    error_kind,
+    error_response,
+    status_for,
+    validation_message,
+)
 from service.inference import Answer, DataPlane, EncodedImages, Inputs, PreprocessedImages, serving_task
 from service.protocols import OPEN_INFERENCE
 from service.registry import TaskRegistry
@@ -52,10 +59,6 @@ TENSOR_INPUT = "input"
 OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 JSON_VALUES_BESIDE_DATA = 1024  # names, shapes, parameters: a request's JSON values other than its tensor data
-
-
-class UnsupportedEncoding(BadRequest):
-    status_code = 415
 
 
 def protocol_error(request: Request, exc: Exception) -> JSONResponse:
