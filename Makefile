@@ -1,6 +1,6 @@
 # Every target builds what it needs on first use: a .venv with the project installed, and the
 # Debian packages the tests and demos read (Fashion-MNIST IDX files, a real Prometheus, the Chromium that
-# tests/test_ui_page.py drives).
+# tests/service/test_ui_page.py drives).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

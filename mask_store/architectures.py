@@ -2,7 +2,7 @@
 
 A family is supported when every Conv2d/Linear is called as a module (so the scored wrapper sees it),
 the model returns plain logits in training, and it accepts small inputs. One member of each family
-is trained for a step and served in tests/test_architectures.py.
+is trained for a step and served in tests/service/test_architecture_families.py.
 """
 
 from __future__ import annotations

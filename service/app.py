@@ -17,20 +17,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mask_store import StoreUnavailable
-from service.admin_auth import AdminAuth
 from service.batcher import Batcher
-from service.body_deadline import BodyDeadline
-from service.deadlines import StampArrival
 from service.drain import Drain
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.inference import DataPlane
-from service.limits import BodySizeLimit
 from service.metrics import Metrics
-from service.prediction_limit import PredictionLimit
+from service.middleware import install_middleware
+from service.middleware.replica_header import replica_name
 from service.registry import TaskRegistry
-from service.replica import ReplicaHeader, replica_name
-from service.request_context import RequestContext
 from service.routes import admin, health, tasks, ui, v2
 from service.settings import Settings, backbone_load_problem
 from service.store_watcher import StoreWatcher
@@ -152,42 +147,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(ui.router)
     app.state.replica = replica_name(settings.replica_id)
-    _install_middleware(app, settings)
+    install_middleware(app, settings)
     return app
-
-
-def _install_middleware(app: FastAPI, settings: Settings) -> None:
-    """The ASGI middleware, outermost first. Why this order:
-
-    1. `ReplicaHeader`: even a 500 names the replica that answered.
-    2. `RequestContext`: request id, and a JSON 500 for anything the layers below raise.
-    3. `StampArrival`: a request's deadline and body bound count from here, before any work.
-    4. `BodyDeadline`: a body trickling in is cut off (408/504), whoever reads it below.
-    5. `PredictionLimit`: shed at the door from the headers; a slot is held once the body is complete.
-    6. `AdminAuth`: the admin token, from the headers: an unauthenticated client uploads nothing.
-    7. `BodySizeLimit`: Content-Length checked up front, streamed bytes counted as they arrive.
-    """
-    outermost_first = [
-        (ReplicaHeader, {"replica": app.state.replica}),
-        (RequestContext, {}),
-        (StampArrival, {}),
-        (BodyDeadline, {"body_timeout_s": settings.body_timeout_s, "request_timeout_s": settings.request_timeout_s}),
-        (
-            PredictionLimit,
-            {
-                "limit": settings.max_concurrent_predictions,
-                "max_body_bytes": settings.max_request_bytes,
-                "max_receiving": 2 * settings.max_concurrent_predictions,
-            },
-        ),
-        (AdminAuth, {"token": settings.admin_token}),
-        (
-            BodySizeLimit,
-            {
-                "limits": {"/admin/": settings.max_artifact_bytes + 1024 * 1024},
-                "default": settings.max_request_bytes,  # /v2 infer bodies too: the same bound as a multipart predict
-            },
-        ),
-    ]
-    for middleware, options in reversed(outermost_first):  # Starlette wraps each new one around the rest
-        app.add_middleware(middleware, **options)

@@ -36,19 +36,6 @@ class Deadline:
         return self.at - time.monotonic()
 
 
-class StampArrival:
-    """ASGI middleware: records when a request reached the app, so its deadline also covers the upload
-    and the multipart parsing that happen before any dependency runs."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            scope.setdefault("state", {})["arrived"] = time.monotonic()
-        await self.app(scope, receive, send)
-
-
 def disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
     """A coroutine function that returns when the client closed the connection.
 

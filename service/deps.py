@@ -57,7 +57,7 @@ def get_deadline(
     return Deadline(arrived + seconds, disconnect_waiter(request))
 
 
-# The token itself is checked by service.admin_auth.AdminAuth, from the headers, before any body is
+# The token itself is checked by service.middleware.admin_auth.AdminAuth, from the headers, before any body is
 # read; this dependency only declares the bearer scheme on the admin routes in the OpenAPI document.
 _bearer = HTTPBearer(auto_error=False, description="PIGGYBACK_ADMIN_TOKEN")
 

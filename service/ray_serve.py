@@ -47,11 +47,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from mask_store import TaskNotFound
-from service.admin_auth import ADMIN_PREFIX, admin_refusal
 from service.app import create_app
 from service.deadlines import requested_timeout
 from service.errors import RETRY_AFTER_S, NotReady
 from service.inference import serving_task
+from service.middleware.admin_auth import ADMIN_PREFIX, admin_refusal
 from service.protocols import error_key_for, is_prediction, task_of
 from service.settings import Settings
 

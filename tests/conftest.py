@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny real torchvision backbones and a trained-looking artifact, all on CPU."""
+"""Shared fixtures: tiny real torchvision backbones, a backbone file, an S3 server, the HTTP contract guard.
+
+The helpers tests import (settings, artifacts, the training CLI) live in `tests/support/builders.py`."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 
@@ -16,19 +17,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from mask_store import BackboneLayout, build_backbone  # noqa: E402
-from mask_store.synthetic import SMALL_GRAY, random_task_artifact  # noqa: E402, F401  (re-exported for the tests)
 
 torch.set_num_threads(2)
-TINY_PREPROCESS = SMALL_GRAY  # 16 px grayscale: every test model runs fast
-
-
-def state_hash(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer, to prove a backbone was never modified."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +32,6 @@ def resnet18_layout(resnet18):
     return BackboneLayout.from_model("resnet18", resnet18)
 
 
-ADMIN_TOKEN = "test-admin-token-0123456789"
-
-
 @pytest.fixture(scope="session")
 def backbone_file(tmp_path_factory, resnet18):
     path = tmp_path_factory.mktemp("backbone") / "resnet18.pt"
@@ -52,45 +39,12 @@ def backbone_file(tmp_path_factory, resnet18):
     return path
 
 
-def server_settings(backbone_file, store, **overrides):
-    from service.settings import Settings
-
-    values = dict(
-        backbone="resnet18", weights=str(backbone_file), store=store, admin_token=ADMIN_TOKEN, max_batch_delay_ms=2.0
-    )
-    values.update(overrides)
-    return Settings(**values)
-
-
-def write_digits_imagefolder(root, count: int = 300, seed: int = 0) -> None:
-    """A small ImageFolder of sklearn-digit PNGs: root/train/<digit>/*.png and root/val/<digit>/*.png."""
-    import numpy as np
-
-    from training.data import sklearn_digits, stratified_split, write_image_folder
-
-    ds = sklearn_digits()
-    train, val = stratified_split(ds.subset(np.random.default_rng(seed).permutation(len(ds))[:count]), 0.3, seed=0)
-    write_image_folder(train, root, "train")
-    write_image_folder(val, root, "val")
-
-
-def run_training_cli(weights, data, task: str, out, *extra: str):
-    """`python -m training train` on resnet18 at 16px grayscale for one epoch, as a user would run it."""
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "training", "train", "--backbone", "resnet18", "--weights", str(weights),
-               "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
-               "--grayscale", "--no-progress", *extra]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(autouse=True)
 def http_contract_guard(request, monkeypatch):
-    """Fail the test on any 500 or non-JSON answer from a server it started (see tests/http_guard.py)."""
+    """Fail the test on any 500 or non-JSON answer from a server it started (see tests/support/http_guard.py)."""
     import httpx
 
-    from tests.http_guard import contract_violation, is_service_url
+    from tests.support.http_guard import contract_violation, is_service_url
 
     allow = request.node.get_closest_marker("allow_server_errors") is not None
     violations: list[str] = []
@@ -121,8 +75,8 @@ def http_contract_guard(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on loopback with a bucket and one user's keys (tests/s3_server.py); stopped by pid."""
-    from tests.s3_server import moto_s3
+    """moto's S3 server on loopback with a bucket and one user's keys (tests/support/s3_server.py); stopped by pid."""
+    from tests.support.s3_server import moto_s3
 
     with moto_s3() as server:
         yield server

@@ -28,7 +28,6 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.asgi import RefusedMidBody
 from service.deadlines import Deadline
 from service.deps import DataPlaneDep, DeadlineDep, RegistryDep
 from service.engine import LoadedTask
@@ -41,6 +40,7 @@ from service.errors import (
     validation_message,
 )
 from service.inference import Answer, DataPlane, EncodedImages, Inputs, PreprocessedImages, serving_task
+from service.middleware.answers import RefusedMidBody
 from service.protocols import OPEN_INFERENCE
 from service.registry import TaskRegistry
 from service.v2_wire import (
