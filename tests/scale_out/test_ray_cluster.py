@@ -53,11 +53,16 @@ def _predict(base: str, task: str, seed: int, client: httpx.Client | None = None
     return post(f"{base}/tasks/{task}/predict", files=[("images", ("x.png", png_bytes(seed), "image/png"))], timeout=60)
 
 
-def _replicas_seen(base: str, want: int, timeout: float = 180) -> dict[str, dict]:
-    """Poll GET /tasks (not task-routed: any replica) until `want` distinct replicas have answered."""
+def _replicas_seen(base: str, want: int, timeout: float = 180, listing: str | None = None) -> dict[str, dict]:
+    """Poll GET /tasks (not task-routed: any replica) until `want` distinct replicas have answered (and
+    list the task `listing`, if given)."""
     seen: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(seen) < want:
+
+    def enough() -> bool:
+        return len(seen) >= want and (listing is None or all(listing in names for names in seen.values()))
+
+    while time.monotonic() < deadline and not enough():
         try:
             response = httpx.get(f"{base}/tasks", timeout=10)
             if response.status_code == 200:
@@ -65,7 +70,7 @@ def _replicas_seen(base: str, want: int, timeout: float = 180) -> dict[str, dict
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    assert len(seen) >= want, f"only {sorted(seen)} answered within {timeout}s"
+    assert enough(), f"only {sorted(seen)} answered (listing {listing}) within {timeout}s"
     return seen
 
 
@@ -86,10 +91,6 @@ def ray_env() -> dict:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
-        # How long Serve's router waits to learn which replica loaded a task before it falls back to any
-        # replica (default 1-2 s). On a loaded 2-core test machine the news can take longer, and a second
-        # replica then loads the task too: routing tests would see both. Production keeps the default.
-        "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "10",
     }
     return {"env": env, "gcs": free_port(), "dashboard": free_port(), "proxy": free_port()}
 
@@ -157,12 +158,27 @@ def _v2_infer(base: str, task: str, seed: int) -> httpx.Response:
     return httpx.post(f"{base}/v2/models/{task}/infer", json=body, timeout=60)
 
 
-def test_task_routing_keeps_one_task_on_the_replica_that_holds_it(cluster):
-    replicas = {_predict(cluster, "alpha", seed).headers[REPLICA] for seed in range(10)}
-    assert len(replicas) == 1, replicas  # sequential requests never overload the replica holding alpha
-    v2 = [_v2_infer(cluster, "alpha", seed) for seed in range(10)]  # the KServe V2 front door is routed alike
+def test_task_routing_keeps_one_task_on_the_replica_that_holds_it(cluster, resnet18):
+    """A task no request has touched yet: its first request picks a replica, which then holds it; once
+    Serve's router has heard so (the replica reports its held tasks asynchronously: a request arriving
+    before the news may pick the other replica, which then holds it too), every request, through either
+    front door, goes to that replica."""
+    artifact = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="epsilon", seed=11))
+    created = httpx.post(
+        f"{cluster}/admin/tasks",
+        files={"artifact": ("epsilon.safetensors", artifact)},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=120,
+    )
+    assert created.status_code == 201, created.text
+    assert all("epsilon" in names for names in _replicas_seen(cluster, 2, listing="epsilon").values())
+    holder = _predict(cluster, "epsilon", 0).headers[REPLICA]
+    time.sleep(3)  # the router hears which replica holds epsilon
+    replicas = {_predict(cluster, "epsilon", seed).headers[REPLICA] for seed in range(10)}
+    assert replicas == {holder}  # sequential requests never spread to a replica that does not hold it
+    v2 = [_v2_infer(cluster, "epsilon", seed) for seed in range(10)]  # the KServe V2 front door is routed alike
     assert [r.status_code for r in v2] == [200] * 10, v2[0].text
-    assert {r.headers[REPLICA] for r in v2} == replicas
+    assert {r.headers[REPLICA] for r in v2} == {holder}
 
 
 def test_errors_keep_the_contract_through_the_proxy(cluster):
