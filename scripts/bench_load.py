@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mask_store import BackboneLayout, Preprocess, artifact_bytes, build_backbone  # noqa: E402
 from mask_store.synthetic import random_task_artifact  # noqa: E402
-from tests.servers import free_port, png_bytes, wait_ready  # noqa: E402
+from tests.support.servers import free_port, png_bytes, wait_ready  # noqa: E402
 
 TOKEN = "bench-admin-token-0123456789"
 

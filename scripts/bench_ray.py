@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from mask_store import TaskStore, artifact_bytes, build_backbone  # noqa: E402
 from mask_store.backbone import maskable_layers  # noqa: E402
 from mask_store.synthetic import random_task_artifact  # noqa: E402
-from tests.servers import free_port, png_bytes  # noqa: E402
+from tests.support.servers import free_port, png_bytes  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -28,10 +28,12 @@ from pydantic import ValidationError
 from mask_store import BackboneLayout, TaskStore, artifact_bytes, build_backbone, offline_weights, save_artifact
 from mask_store.synthetic import random_task_artifact
 from service.settings import DEMO_STORE, DEMO_WEIGHTS, Settings
-from tests.support.builders import ADMIN_TOKEN, server_settings
-from tests.support.servers import free_port, serve_in_thread, stop_process, wait_ready
-from training.cli import cmd_register, main
+from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings
+from tests.support.servers import free_port, readiness_saying, serve_in_thread, stop_process, wait_ready
+from training.cli import cmd_register
 from training.demo import DEMO_ARCH, DEMO_PREPROCESS
+
+pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -45,18 +47,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def sh_blocks(text: str) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """`python -m training ...` in this process: (exit status, stdout, stderr) as a shell would see them."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    if isinstance(code, str):  # sys.exit("message") prints the message and exits with 1
-        err, code = err + code + "\n", 1
-    return code or 0, out, err
 
 
 def write_folder(root: Path, classes=("a", "b"), per_class: int = 4, size: int = 16) -> Path:
@@ -235,16 +225,7 @@ def test_a_missing_bucket_is_waited_for_and_readiness_says_why(s3_env, tmp_path,
     process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline, answer = time.monotonic() + 60, None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                answer = httpx.get(f"{base}/readyz")
-            except httpx.HTTPError:
-                time.sleep(0.2)
-                continue
-            if "waiting for the store" in answer.text:
-                break
-            time.sleep(0.2)
+        answer = readiness_saying(base, "waiting for the store", process)
         assert process.poll() is None, "the server exited instead of waiting for its store"
         assert answer is not None and answer.status_code == 503
         assert f"bucket '{bucket}' does not exist" in answer.json()["detail"] and "PIGGYBACK_STORE" in answer.text

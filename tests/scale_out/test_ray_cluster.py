@@ -33,7 +33,7 @@ from tests.support.builders import ADMIN_TOKEN, random_task_artifact, server_set
 from tests.support.servers import free_port, png_bytes, serve_in_thread
 
 pytest.importorskip("ray.serve", reason="ray is the optional extra: pip install -e '.[ray]'")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -152,6 +152,18 @@ def test_predictions_through_the_proxy_equal_the_single_process_service(cluster,
     assert all(r.headers[REPLICA] for r in through_ray)
 
 
+def _register(base: str, resnet18, task: str, seed: int) -> None:
+    """Register a random-mask task through the proxy (any replica answers; the store carries it to all)."""
+    artifact = artifact_bytes(random_task_artifact(resnet18, "resnet18", task=task, seed=seed))
+    created = httpx.post(
+        f"{base}/admin/tasks",
+        files={"artifact": (f"{task}.safetensors", artifact)},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=120,
+    )
+    assert created.status_code == 201, created.text
+
+
 def _v2_infer(base: str, task: str, seed: int) -> httpx.Response:
     image = base64.b64encode(png_bytes(seed)).decode()
     body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}
@@ -163,14 +175,7 @@ def test_task_routing_keeps_one_task_on_the_replica_that_holds_it(cluster, resne
     Serve's router has heard so (the replica reports its held tasks asynchronously: a request arriving
     before the news may pick the other replica, which then holds it too), every request, through either
     front door, goes to that replica."""
-    artifact = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="epsilon", seed=11))
-    created = httpx.post(
-        f"{cluster}/admin/tasks",
-        files={"artifact": ("epsilon.safetensors", artifact)},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=120,
-    )
-    assert created.status_code == 201, created.text
+    _register(cluster, resnet18, "epsilon", seed=11)
     assert all("epsilon" in names for names in _replicas_seen(cluster, 2, listing="epsilon").values())
     holder = _predict(cluster, "epsilon", 0).headers[REPLICA]
     time.sleep(3)  # the router hears which replica holds epsilon
@@ -254,14 +259,7 @@ class _threads:
 
 
 def test_a_registration_through_the_proxy_reaches_both_replicas(cluster, resnet18):
-    artifact = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="delta", seed=7))
-    created = httpx.post(
-        f"{cluster}/admin/tasks",
-        files={"artifact": ("delta.safetensors", artifact)},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=120,
-    )
-    assert created.status_code == 201, created.text
+    _register(cluster, resnet18, "delta", seed=7)
     listed: dict[str, set] = {}
     deadline = time.monotonic() + 30  # convergence bound: PIGGYBACK_STORE_POLL_S (1 s) plus scheduling slack
     while time.monotonic() < deadline and not (len(listed) == 2 and all("delta" in t for t in listed.values())):

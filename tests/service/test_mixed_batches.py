@@ -52,9 +52,8 @@ def engine_with_tasks(arch: str, size: int, tmp_path, **settings) -> tuple[Engin
     return engine, [registry.register(data) for data in mixed_tasks(model, arch, size)]
 
 
-def check_mixed_equals_own(engine: Engine, tasks, size: int) -> None:
+def check_mixed_equals_own(engine: Engine, tasks, size: int, counts=(1, 2, 3)) -> None:
     generator = torch.Generator().manual_seed(1)
-    counts = [1, 2, 3]
     groups = [(task, torch.randn(n, 3, size, size, generator=generator)) for task, n in zip(tasks, counts, strict=True)]
     mixed = engine.forward_mixed(groups)
     for (task, images), got in zip(groups, mixed, strict=True):
@@ -84,7 +83,7 @@ def test_a_mixed_batch_stacks_cached_weights_correctly(buffers, tmp_path):
 @pytest.mark.parametrize("arch,size", SLOW.items())
 def test_a_mixed_batch_equals_each_tasks_own_forward_large_families(arch, size, tmp_path):
     engine, tasks = engine_with_tasks(arch, size, tmp_path, cache_budget_mb=0)
-    check_mixed_equals_own(engine, tasks, size)
+    check_mixed_equals_own(engine, tasks, size, counts=(1, 1, 1))  # one image each: vgg16's stack is 0.5 GB an image
 
 
 def test_mixed_batches_through_the_real_server_answer_as_each_task_alone(tmp_path):

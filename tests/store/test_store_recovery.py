@@ -19,7 +19,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.registry import TaskRegistry
 from tests.support.builders import ADMIN_TOKEN, random_task_artifact, server_settings
-from tests.support.servers import png_bytes, serve_in_thread, start_service, stop_process, wait_ready
+from tests.support.servers import png_bytes, readiness_saying, serve_in_thread, start_service, stop_process, wait_ready
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -132,17 +132,8 @@ def test_a_damaged_index_at_start_up_is_waited_out_and_the_replica_becomes_ready
     process, port = start_service(tmp_path / "store", backbone_file, wait=False)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                answer = httpx.get(f"{base}/readyz")
-            except httpx.HTTPError:
-                time.sleep(0.2)
-                continue
-            if "waiting for the store" in answer.text:
-                break
-            time.sleep(0.2)
-        assert answer.status_code == 503 and "damaged" in answer.json()["detail"]
+        answer = readiness_saying(base, "waiting for the store", process)
+        assert answer is not None and answer.status_code == 503 and "damaged" in answer.json()["detail"]
         assert httpx.get(f"{base}/healthz").status_code == 200
         (tmp_path / "store" / INDEX_KEY).write_bytes(good)  # the operator repairs it
         wait_ready(base, timeout=30, process=process)

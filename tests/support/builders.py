@@ -12,8 +12,6 @@ TINY_PREPROCESS = SMALL_GRAY  # 16 px grayscale: every test model runs fast
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
-
-
 def state_hash(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer, to prove a backbone was never modified."""
     digest = hashlib.sha256()
@@ -54,3 +52,17 @@ def run_training_cli(weights, data, task: str, out, *extra: str):
                "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
                "--grayscale", "--no-progress", *extra]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`python -m training ...` in this process: (exit status, stdout, stderr) as a shell would see them."""
+    from training.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):  # sys.exit("message") prints the message and exits with 1
+        err, code = err + code + "\n", 1
+    return code or 0, out, err

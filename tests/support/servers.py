@@ -169,3 +169,18 @@ def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
+
+
+def readiness_saying(base: str, words: str, process=None, timeout: float = 60) -> httpx.Response | None:
+    """Poll `/readyz` until its answer contains `words` (or `process` exited, or `timeout`); the last answer."""
+    deadline, answer = time.monotonic() + timeout, None
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        try:
+            answer = httpx.get(f"{base}/readyz")
+        except httpx.HTTPError:
+            time.sleep(0.2)
+            continue
+        if words in answer.text:
+            break
+        time.sleep(0.2)
+    return answer

@@ -13,21 +13,8 @@ from PIL import Image
 
 from mask_store import build_backbone, load_artifact
 from mask_store.synthetic import random_task_artifact
-from tests.support.builders import ADMIN_TOKEN, server_settings
+from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings
 from tests.support.servers import free_port, serve_in_thread
-from training.cli import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """`python -m training ...` in this process: (exit status, stdout, stderr) as a shell would see them."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    if isinstance(code, str):  # sys.exit("message") prints the message and exits with 1
-        err, code = err + code + "\n", 1
-    return code or 0, out, err
 
 
 def write_folder(root: Path, classes=("a", "b"), train: int = 4, val: int = 2, size: int = 16) -> Path:
