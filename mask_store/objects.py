@@ -48,9 +48,10 @@ class ObjectStore(ABC):
 
     url: str
 
-    @abstractmethod
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
+        found = self.get_tagged(key)
+        return None if found is None else found[0]
 
     @abstractmethod
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
@@ -81,6 +82,14 @@ class ObjectStore(ABC):
         """When the object was last written (seconds since the epoch), or None when it does not exist."""
 
 
+def check_key(key: str) -> list[str]:
+    """A key's `/`-separated parts; ValueError for one that could escape the store's root or is empty."""
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid object key {key!r}")
+    return parts
+
+
 def _storage_error(exc: OSError, what: str) -> StoreUnavailable:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFull(f"{what}: no space left on the store's device ({exc.strerror})")
@@ -106,14 +115,7 @@ class LocalObjects(ObjectStore):
             raise _storage_error(exc, f"cannot create the store directory {self.root}") from exc
 
     def _path(self, key: str) -> Path:
-        parts = key.split("/")
-        if not key or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"invalid object key {key!r}")
-        return self.root.joinpath(*parts)
-
-    def get(self, key: str) -> bytes | None:
-        found = self.get_tagged(key)
-        return None if found is None else found[0]
+        return self.root.joinpath(*check_key(key))
 
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
         try:

@@ -28,7 +28,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from mask_store.objects import ObjectConflict, ObjectStore, StoreUnavailable
+from mask_store.objects import ObjectConflict, ObjectStore, StoreUnavailable, check_key
 
 CREDENTIAL_SETTINGS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 
@@ -44,9 +44,7 @@ def parse_s3_url(url: str, named_by: str = "PIGGYBACK_STORE") -> tuple[str, str]
 
 
 def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"invalid object key {key!r}")
+    check_key(key)
     return key
 
 
@@ -136,10 +134,6 @@ class S3Objects(ObjectStore):
         return code in ("NoSuchKey", "404", "NotFound") or (status == 404 and code != "NoSuchBucket")
 
     # -- the contract -------------------------------------------------------------------------------
-
-    def get(self, key: str) -> bytes | None:
-        found = self.get_tagged(key)
-        return None if found is None else found[0]
 
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
         name = self.prefix + _check_key(key)

@@ -238,8 +238,7 @@ class Batcher:
         if not self.costs.known(key.input_shape):
             self._calibrate_later(key.input_shape, chosen)
             return alone
-        costs = self.costs.costs(key.input_shape)
-        return (chosen, capacity) if costs is not None and costs.mixed_is_faster(counts) else alone
+        return (chosen, capacity) if self.costs.mixed_is_faster(key.input_shape, counts) else alone
 
     def _waiting(self, key: LoadedTask) -> int:
         return sum(len(p.images) for p in self._queues[key])
@@ -289,18 +288,23 @@ class Batcher:
         """Runs on the inference thread: each group's probabilities, mixed in one forward when there are
         several groups (per task if their tensors cannot mix). Its time is the engine's busy time."""
         started = time.perf_counter()
+        shape = inputs[0][0].input_shape
         try:
             if len(inputs) > 1:
                 try:
                     outputs = self.engine.forward_mixed(inputs)
                     self.metrics.batch_tasks.labels(path="mixed").observe(len(inputs))
+                    counts = [len(images) for _, images in inputs]
+                    self.costs.observe(shape, "mixed", counts, time.perf_counter() - started)
                     return outputs
                 except NotMixable as exc:
                     log.warning("these tasks cannot share a forward, running them per task: %s", exc)
             outputs = []
             for task, images in inputs:
+                began = time.perf_counter()
                 outputs.append(self.engine.forward_task(task, images))
                 self.metrics.batch_tasks.labels(path="per_task").observe(1)
+                self.costs.observe(shape, "per_task", [len(images)], time.perf_counter() - began)
             return outputs
         finally:
             self.metrics.engine_busy.inc(time.perf_counter() - started)

@@ -123,3 +123,23 @@ def test_mixing_off_and_always():
             assert len(batcher._batch_tasks(a)[0]) == expected
         finally:
             batcher.executor.shutdown()
+
+
+def test_forwards_slower_than_measured_take_the_choice_away_from_their_path():
+    """The measurement said mixed (SMALL); mixed forwards then run ten times slower than it predicted
+    (a busy machine, say): after a few of them the same batch goes per task."""
+    batcher = mixing_batcher()
+    try:
+        a, b, c = task("a"), task("b"), task("c")
+        for t in (a, b, c):
+            queued(batcher, t, 1, age_s=0.0)
+        batcher.costs._costs[a.input_shape] = SMALL
+        assert batcher._batch_tasks(a)[0] == [a, b, c]
+        for _ in range(20):
+            batcher.costs.observe(a.input_shape, "mixed", [1, 1, 1], 10 * SMALL.mixed.at(3))
+        assert batcher._batch_tasks(a) == ([a], MAX_BATCH)
+        for _ in range(20):  # per-task forwards turn out even slower: mixed wins again
+            batcher.costs.observe(a.input_shape, "per_task", [1], 30 * SMALL.per_task.at(1))
+        assert batcher._batch_tasks(a)[0] == [a, b, c]
+    finally:
+        batcher.executor.shutdown()
