@@ -19,16 +19,14 @@ import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pydantic import ValidationError
 
 from mask_store import BackboneLayout, TaskStore, artifact_bytes, build_backbone, offline_weights, save_artifact
 from mask_store.synthetic import random_task_artifact
 from service.settings import DEMO_STORE, DEMO_WEIGHTS, Settings
-from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings
+from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings, write_folder
 from tests.support.servers import free_port, readiness_saying, serve_in_thread, stop_process, wait_ready
 from training.cli import cmd_register
 from training.demo import DEMO_ARCH, DEMO_PREPROCESS
@@ -47,18 +45,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def sh_blocks(text: str) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
-
-
-def write_folder(root: Path, classes=("a", "b"), per_class: int = 4, size: int = 16) -> Path:
-    """A tiny ImageFolder of grayscale PNGs whose brightness depends on the class."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = np.clip(rng.normal(60 + 120 * c, 30, (size, size)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
 
 
 # --- 1: the admin token is exported, so the commands after `make serve` see it ----------------------------
@@ -135,7 +121,7 @@ def test_registering_the_same_artifact_again_says_it_was_live_and_a_lower_versio
 @pytest.mark.slow  # two real training runs (a few seconds each)
 def test_two_train_runs_with_the_same_version_and_seed_write_identical_bytes(tmp_path, backbone_file):
     assert "(the same `--version` included) and seed" in " ".join((DOCS / "training.md").read_text().split())
-    data = write_folder(tmp_path / "data")
+    data = write_folder(tmp_path / "data", train=4, val=4)
     outputs = []
     for run in ("first", "second"):
         out = tmp_path / f"{run}.safetensors"

@@ -66,3 +66,18 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     if isinstance(code, str):  # sys.exit("message") prints the message and exits with 1
         err, code = err + code + "\n", 1
     return code or 0, out, err
+
+
+def write_folder(root, classes=("a", "b"), train: int = 4, val: int = 2, size: int = 16):
+    """A tiny ImageFolder of 8-bit grayscale PNGs whose brightness depends on the class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 120 * c, 30, (size, size)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root

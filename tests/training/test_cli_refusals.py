@@ -9,24 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mask_store import build_backbone, load_artifact
 from mask_store.synthetic import random_task_artifact
-from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings
+from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings, write_folder
 from tests.support.servers import free_port, serve_in_thread
-
-
-def write_folder(root: Path, classes=("a", "b"), train: int = 4, val: int = 2, size: int = 16) -> Path:
-    """A tiny ImageFolder of 8-bit grayscale PNGs whose brightness depends on the class."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(60 + 120 * c, 30, (size, size)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
 
 
 def train_argv(weights, data, out, *extra: str) -> list[str]:
