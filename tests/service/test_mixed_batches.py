@@ -132,3 +132,16 @@ def test_the_cost_model_times_both_paths_on_this_machine_without_touching_the_ca
     (tmp_path / "tight").mkdir()
     tight, tight_tasks = engine_with_tasks("mobilenet_v2", 16, tmp_path / "tight", mixed_budget_mb=12)
     assert MixedCostModel(tight).calibrate(tight_tasks[:2]) is None  # 12 MB hold one mobilenet_v2 image: never mixed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_on_cuda_a_mixed_batch_equals_each_tasks_own_forward(arch, tmp_path, monkeypatch):
+    """The engine on the GPU (Triton mask-apply, grouped convs on CUDA): per-task and mixed forwards agree
+    (in full fp32: TF32 convolutions would differ by more than the tolerance on their own)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    engine, tasks = engine_with_tasks(arch, 32, tmp_path, device="cuda")
+    assert engine.device.type == "cuda" and engine.kernel_name == "triton"
+    check_mixed_equals_own(engine, tasks, 32)
