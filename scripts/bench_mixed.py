@@ -56,7 +56,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def stack_by_applying(engine: Engine, tasks, counts):
     """The alternative to stacking from the cache: masks applied straight into a sample-major buffer,
     the masked layers' stacked weights then strided views of it (BN and heads stacked as usual)."""
-    batch = engine.mixer.prepare([engine._substituted_shapes(t) for t in tasks], counts)
+    batch = engine.mixer.prepare([t.substituted_shapes for t in tasks], counts)
     rows = torch.empty(len(tasks), engine.flat_weights.numel(), dtype=engine.flat_weights.dtype, device=engine.device)
     masked = {layer.name: layer for layer in tasks[0].manifest.layers}
     for i, task in enumerate(tasks):
@@ -114,7 +114,7 @@ def main() -> int:
 
                 @torch.inference_mode()
                 def stack_only(chosen=chosen, batch=batch):
-                    prepared = engine.mixer.prepare([engine._substituted_shapes(t) for t in chosen], [1] * batch)
+                    prepared = engine.mixer.prepare([t.substituted_shapes for t in chosen], [1] * batch)
                     for i, task in enumerate(chosen):
                         engine.mixer.fill(prepared, i, engine.task_parameters(task))
 

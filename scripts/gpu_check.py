@@ -213,17 +213,23 @@ def run_step(step: Step, env: dict[str, str], log_dir: Path) -> Outcome:
     started = time.perf_counter()
     with out_path.open("w") as out, err_path.open("w") as err:
         process = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+        returncode: int | None = None  # None: killed at its timeout
         try:
-            returncode: int | None = process.wait(timeout=step.timeout_s)
+            returncode = process.wait(timeout=step.timeout_s)
         except subprocess.TimeoutExpired:
-            returncode = None
-            os.killpg(process.pid, signal.SIGTERM)  # the step and everything it started, e.g. a server
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            pass
+        finally:  # a timeout, or this script being stopped: the step's group goes, servers included
+            _end_group(process)
     return Outcome(returncode, out_path.read_text(), err_path.read_text(), time.perf_counter() - started)
+
+
+def _end_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the step and everything it started (a server, say), SIGKILL to what is left 10 s later."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
 
 
 def check(step: Step, env: dict[str, str], log_dir: Path) -> tuple[str, float, str]:
@@ -280,6 +286,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "gpu-check")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the running step's group is ended too
     if args.list:
         print_plan(plan(False, args.quick), plan(True, args.quick))
         return 0

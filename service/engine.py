@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from PIL import Image
@@ -49,6 +50,13 @@ class LoadedTask:
     input_shape: tuple[int, ...] = ()  # one preprocessed image: tasks mix in a forward only with equal shapes
     mixed_bytes: int = 0  # what one of its images costs in a mixed batch's stacked tensors
     retired: bool = False  # no longer served by the registry: its weights are not cached again
+
+    @cached_property
+    def substituted_shapes(self) -> dict[str, torch.Size]:
+        """Every tensor the task puts in place of the backbone's, by name: what a mixed batch stacks."""
+        shapes = {f"{layer.name}.weight": torch.Size(layer.shape) for layer in self.manifest.layers}
+        shapes.update({name: tensor.shape for name, tensor in self.overrides.items()})
+        return shapes
 
     @property
     def mix_key(self) -> tuple:
@@ -218,7 +226,7 @@ class Engine:
         Raises NotMixable when a task substitutes a module that cannot run per sample: the caller then
         runs the groups per task."""
         with self._forward_lock:
-            shapes = [self._substituted_shapes(task) for task, _ in groups]
+            shapes = [task.substituted_shapes for task, _ in groups]
             batch = self.mixer.prepare(shapes, [len(images) for _, images in groups])
             self._stack_tasks(batch, [task for task, _ in groups])
             started = time.perf_counter()
@@ -250,7 +258,7 @@ class Engine:
         """Logits of a mixed batch, group i being `images[i]` under `params[i]` (of `tasks[i]`): the
         mixed path's forward, stacking included."""
         with self._forward_lock:
-            batch = self.mixer.prepare([self._substituted_shapes(t) for t in tasks], [len(i) for i in images])
+            batch = self.mixer.prepare([t.substituted_shapes for t in tasks], [len(i) for i in images])
             self.mixer.fill_all(batch, params)
             return self.mixer.run(batch, torch.cat(images).to(self.device, self.dtype))
 
@@ -265,11 +273,6 @@ class Engine:
                 return
         for group, task in enumerate(tasks):
             self.mixer.fill(batch, group, self.task_parameters(task))
-
-    def _substituted_shapes(self, task: LoadedTask) -> dict[str, torch.Size]:
-        shapes = {f"{layer.name}.weight": torch.Size(layer.shape) for layer in task.manifest.layers}
-        shapes.update({name: tensor.shape for name, tensor in task.overrides.items()})
-        return shapes
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -1,7 +1,7 @@
 """When one mixed forward beats per-task forwards: measured on this machine and device, per input shape.
 
 Whether mixing pays depends on where the time goes. At 32 px on a 2-core CPU a forward is mostly fixed
-cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1 forwards; at 224 px
+cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1 forwards (issue 20's measurement, weights stacked beforehand); at 224 px
 the convolutions are compute-bound and the grouped forward lost (0.78x). On a GPU the break-even moves
 again. So the batcher asks this model, which times a few real forwards per input shape (per-task at 1
 and B images, mixed at 2 and B images, stacking included) and fits each path as fixed + per-image
@@ -84,9 +84,6 @@ class MixedCostModel:
         self._started: set[tuple[int, ...]] = set()
         self._scale: dict[tuple[tuple[int, ...], str], float] = {}  # (shape, path) -> observed / predicted
         self._lock = threading.Lock()
-
-    def costs(self, shape: tuple[int, ...]) -> ForwardCosts | None:
-        return self._costs.get(shape)
 
     def mixed_is_faster(self, shape: tuple[int, ...], counts: list[int]) -> bool:
         """The choice for a batch of `counts` images per task at `shape` (False while unmeasured)."""

@@ -27,7 +27,7 @@ from mask_store import BackboneLayout, TaskStore, artifact_bytes, build_backbone
 from mask_store.synthetic import random_task_artifact
 from service.settings import DEMO_STORE, DEMO_WEIGHTS, Settings
 from tests.support.builders import ADMIN_TOKEN, run_cli, server_settings, write_folder
-from tests.support.servers import free_port, readiness_saying, serve_in_thread, stop_process, wait_ready
+from tests.support.servers import free_port, readiness_saying, run_as_group, serve_in_thread, stop_process, wait_ready
 from training.cli import cmd_register
 from training.demo import DEMO_ARCH, DEMO_PREPROCESS
 
@@ -75,7 +75,7 @@ trap 'kill %1' EXIT
 until curl -sf http://127.0.0.1:{port}/readyz >/dev/null; do sleep 0.2; done
 {sys.executable} -m training register {artifact} --url http://127.0.0.1:{port}
 """
-    done = subprocess.run(["bash", "-c", script], env=clean_env(), capture_output=True, text=True, timeout=180)
+    done = run_as_group(["bash", "-c", script], env=clean_env(), timeout=180)  # the server goes with the shell
     assert done.returncode == 0, done.stderr
     assert f"registered task exported version 1 at http://127.0.0.1:{port}" in done.stdout
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.servers import run_as_group
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 STEPS = ("pytest -m gpu", "kernel benchmark", "load benchmark", "mixed-forward benchmark")
@@ -19,14 +21,8 @@ STATUSES = {"passed", "failed", "skipped", "missing"}
 
 
 def gpu_check(*args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """The script and every step it starts (a benchmark's server too) go when it returns or times out."""
+    return run_as_group([sys.executable, str(SCRIPT), *args], timeout, cwd=ROOT, env={**os.environ, **env})
 
 
 def test_plan_names_every_step_with_a_cuda_command_and_a_cpu_form_within_the_budget():

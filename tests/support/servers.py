@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -184,3 +185,22 @@ def readiness_saying(base: str, words: str, process=None, timeout: float = 60) -
             break
         time.sleep(0.2)
     return answer
+
+
+def run_as_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` for a command that starts processes of its own (a shell starting a server, a
+    script starting benchmarks): it runs in its own process group, killed whole when it returns or
+    times out, so nothing it started outlives a failing test."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    out = err = ""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:  # SIGTERM first: a command that started groups of its own (scripts/gpu_check.py) ends them
+        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.communicate(timeout=grace)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
