@@ -1,9 +1,9 @@
 """When one mixed forward beats per-task forwards: measured on this machine and device, per input shape.
 
 Whether mixing pays depends on where the time goes. At 32 px on a 2-core CPU a forward is mostly fixed
-cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1 forwards (issue 20's measurement, weights stacked beforehand); at 224 px
-the convolutions are compute-bound and the grouped forward lost (0.78x). On a GPU the break-even moves
-again. So the batcher asks this model, which times a few real forwards per input shape (per-task at 1
+cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1 forwards (issue 20's
+measurement, weights stacked beforehand); at 224 px the convolutions are compute-bound and the grouped
+forward lost (0.78x). On a GPU the break-even moves again. So the batcher asks this model, which times a few real forwards per input shape (per-task at 1
 and B images, mixed at 2 and B images, stacking included) and fits each path as fixed + per-image
 cost. A batch is mixed only where the fitted mixed cost is below the sum of the per-task ones by a
 margin (`MARGIN`). The four timings are taken in interleaved rounds and each is the median of its
