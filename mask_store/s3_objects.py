@@ -204,4 +204,3 @@ class S3Objects(ObjectStore):
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._unavailable(exc, "ListObjectsV2", prefix) from exc
         return sorted(keys)
-

@@ -3,13 +3,14 @@
 Whether mixing pays depends on where the time goes. At 32 px on a 2-core CPU a forward is mostly fixed
 cost per call, and 8 tasks in one grouped forward ran 4.3x faster than 8 batch-1 forwards (issue 20's
 measurement, weights stacked beforehand); at 224 px the convolutions are compute-bound and the grouped
-forward lost (0.78x). On a GPU the break-even moves again. So the batcher asks this model, which times a few real forwards per input shape (per-task at 1
-and B images, mixed at 2 and B images, stacking included) and fits each path as fixed + per-image
-cost. A batch is mixed only where the fitted mixed cost is below the sum of the per-task ones by a
-margin (`MARGIN`). The four timings are taken in interleaved rounds and each is the median of its
-rounds, so a burst of other work on the machine slows both paths alike instead of deciding for one;
-the larger batch is as many images as one forward takes in `PROBE_BUDGET_S` (8 at 32 px, 2 at 224 px
-on a 2-core CPU), so measuring a large input does not stall the inference thread for seconds.
+forward lost (0.78x). On a GPU the break-even moves again. So the batcher asks this model, which times a
+few real forwards per input shape (per-task at 1 and B images, mixed at 2 and B images, stacking
+included) and fits each path as fixed + per-image cost. A batch is mixed only where the fitted mixed
+cost is below the sum of the per-task ones by a margin (`MARGIN`). The four timings are taken in
+interleaved rounds and each is the median of its rounds, so a burst of other work on the machine slows
+both paths alike instead of deciding for one; the larger batch is as many images as one forward takes in
+`PROBE_BUDGET_S` (8 at 32 px, 2 at 224 px on a 2-core CPU), so measuring a large input does not stall
+the inference thread for seconds.
 
 A measurement taken once, perhaps while the server was busy, is then kept honest by the forwards
 themselves: every forward's time is compared with what its path's line predicts (`observe`), and each
