@@ -15,6 +15,8 @@ from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 
 ENCODINGS = ("raw", "zlib", "sparse")
+ZLIB_LEVEL = 6  # level 9 took 6 s on a vgg16 mask for under 1% fewer bytes
+PROBE_BYTES = 1 << 20  # `smallest_encoding` first compresses this much, spread over the mask
 
 
 def pack_bits(bits: torch.Tensor | np.ndarray) -> bytes:
@@ -39,7 +41,7 @@ def encode(packed: bytes, count: int, encoding: str) -> bytes:
     if encoding == "raw":
         return packed
     if encoding == "zlib":
-        return zlib.compress(packed, level=9)
+        return zlib.compress(packed, level=ZLIB_LEVEL)
     if encoding == "sparse":
         bits = bitarray(endian="little")
         bits.frombytes(packed)
@@ -67,6 +69,18 @@ def decode(stored: bytes, count: int, encoding: str) -> bytes:
 
 
 def smallest_encoding(packed: bytes, count: int) -> tuple[str, bytes]:
-    """The encoding that stores these bits in the fewest bytes (raw wins ties)."""
-    candidates = [(name, encode(packed, count, name)) for name in ENCODINGS]
+    """The encoding that stores these bits in the fewest bytes (raw wins ties). zlib is tried on the
+    whole mask only when a spread sample of it compresses: on bits that look random it costs seconds
+    at vgg16 size and saves nothing."""
+    names = ENCODINGS if _sample_compresses(packed) else tuple(n for n in ENCODINGS if n != "zlib")
+    candidates = [(name, encode(packed, count, name)) for name in names]
     return min(candidates, key=lambda item: (len(item[1]), ENCODINGS.index(item[0])))
+
+
+def _sample_compresses(packed: bytes) -> bool:
+    """Whether zlib shrinks eight slices of the mask, spread over its length, by at least 1%."""
+    if len(packed) <= PROBE_BYTES:
+        return True
+    piece, stride = PROBE_BYTES // 8, len(packed) // 8
+    sample = b"".join(packed[i * stride : i * stride + piece] for i in range(8))
+    return len(zlib.compress(sample, level=1)) < 0.99 * len(sample)

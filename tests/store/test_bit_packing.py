@@ -25,6 +25,21 @@ def test_smallest_encoding_compresses_dense_masks():
     assert encoding != "raw" and len(stored) < bits.size / 8 / 2
 
 
+def test_a_large_mask_is_compressed_only_when_its_sample_compresses(monkeypatch):
+    """Beyond the probe size zlib runs on the whole mask only if a spread sample shrinks: random bits
+    are not worth seconds of zlib; a mask that is mostly ones still is compressed."""
+    calls = []
+    encode = packing.encode
+    monkeypatch.setattr(packing, "encode", lambda p, n, e: calls.append(e) or encode(p, n, e))
+    count = 8 * (packing.PROBE_BYTES * 3)
+    random_bits = np.random.default_rng(0).random(count) < 0.5
+    encoding, _ = packing.smallest_encoding(packing.pack_bits(random_bits), count)
+    assert encoding == "raw" and "zlib" not in calls
+    dense = np.random.default_rng(1).random(count) < 0.995
+    encoding, stored = packing.smallest_encoding(packing.pack_bits(dense), count)
+    assert encoding in ("zlib", "sparse") and len(stored) < count / 8 / 3
+
+
 def test_unpack_refuses_short_data():
     with pytest.raises(ValueError):
         packing.unpack_bits(b"\x00", 9)

@@ -5,9 +5,8 @@ the new version, complete, and a service that starts."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import random
-import subprocess
-import sys
 import time
 
 import httpx
@@ -55,15 +54,18 @@ def test_an_activation_failure_restores_the_store_and_keeps_the_previous_version
     assert TaskStore(tmp_path).versions("t") == [1]
 
 
-WRITER = """
-import sys
-from mask_store import TaskStore
-data = open(sys.argv[2], "rb").read()
-store = TaskStore(sys.argv[1])
-print("writing", flush=True)
-store.put(data)
-print("done", flush=True)
-"""
+def _put(root, upload, started) -> None:
+    """The writer: a separate process storing `upload`; `started` is set once the put is under way."""
+    data = upload.read_bytes()
+    store = TaskStore(root)
+    started.set()
+    store.put(data)
+
+
+# Writers fork from one server process that imported mask_store once: each SIGKILL trial then costs a
+# fork, not the 4 s of importing torch, and no writer inherits this test process's thread pools.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["mask_store"])
 
 
 def _with_version(data: bytes, version: int) -> bytes:
@@ -73,21 +75,23 @@ def _with_version(data: bytes, version: int) -> bytes:
 
 @contextlib.contextmanager
 def _writer(root, upload):
-    """The WRITER script storing `upload`; killed on the way out, whatever the test asserted meanwhile."""
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(upload)], stdout=subprocess.PIPE, text=True)
+    """A process storing `upload`, yielded once its put is under way; SIGKILLed on the way out."""
+    started = FORKS.Event()
+    writer = FORKS.Process(target=_put, args=(root, upload, started), daemon=True)
+    writer.start()
     try:
+        assert started.wait(timeout=120), "the writer never started"
         yield writer
     finally:
         writer.kill()
-        writer.wait()
+        writer.join()
 
 
 def _timed_put(root, upload) -> float:
     with _writer(root, upload) as writer:
-        assert writer.stdout.readline().strip() == "writing"
         started = time.monotonic()
-        assert writer.stdout.readline().strip() == "done"
-        writer.wait()
+        writer.join(timeout=120)
+        assert writer.exitcode == 0
     return time.monotonic() - started
 
 
@@ -109,8 +113,7 @@ def test_sigkill_at_random_moments_while_storing_a_vgg16_artifact(tmp_path):
     for trial in range(10):
         version = trial + 3
         upload.write_bytes(_with_version(data, version))
-        with _writer(root, upload) as writer:
-            assert writer.stdout.readline().strip() == "writing"  # imports done: the put itself is under way
+        with _writer(root, upload):  # the put is under way
             time.sleep(rng.uniform(0.0, 1.3 * duration))  # before, during or after the publish; then killed
         store = TaskStore(root)
         live = store.get("big")  # the live version loads completely: every checksum holds

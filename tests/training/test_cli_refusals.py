@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,15 +211,14 @@ def test_register_uploads_an_existing_artifact(capsys, backbone_file, resnet18, 
 @pytest.mark.parametrize(
     "url,words,status", [("127.0.0.1:8000", "http://", 2), ("http://127.0.0.1:{port}", "cannot reach", 1)]
 )
-def test_register_failures_are_one_clear_line(tmp_path, resnet18, url, words, status):
+def test_register_failures_are_one_clear_line(capsys, tmp_path, resnet18, url, words, status):
     """A refused argument is status 2 before anything is sent; a failed upload is 1 and names the kept file."""
     from mask_store import save_artifact
 
     artifact_file = tmp_path / "task.safetensors"
     save_artifact(random_task_artifact(resnet18, "resnet18", task="x"), artifact_file)
     url = url.format(port=free_port())  # nothing listens there
-    command = [sys.executable, "-m", "training", "register", str(artifact_file), "--url", url, "--token", "t"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert run.returncode == status
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and (status == 2 or str(artifact_file) in lines[0]), run.stderr
+    code, _, err = run_cli(capsys, "register", str(artifact_file), "--url", url, "--token", "t")
+    assert code == status
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and (status == 2 or str(artifact_file) in lines[0]), err

@@ -3,8 +3,9 @@ PIGGYBACK_ADMIN_TOKEN, so it stays out of the process list; a token no header ca
 URL are one line and exit status 2 before training; uploading the artifact the server already serves (its
 store is the one `--out s3://` published to) succeeds, and another artifact at that version is a 409.
 
-Every command runs as a user runs it: `python -m training` and `python -m service` as processes, the
-store on a real S3 server (moto).
+The server is `python -m service` as a process over a store on a real S3 server (moto); the commands
+that talk to it run as `python -m training` processes. The refusals before anything runs call the
+CLI's `main` in this process (what they hold is the CLI's own checks, not the interpreter start).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from mask_store import TaskStore, load_artifact, save_artifact
 from mask_store.artifact import artifact_identity
 from mask_store.synthetic import random_task_artifact
-from tests.support.builders import ADMIN_TOKEN, run_training_cli, write_digits_imagefolder
+from tests.support.builders import ADMIN_TOKEN, run_cli, run_training_cli, write_digits_imagefolder
 from tests.support.servers import service_process
 
 TOKEN_VARIABLE = "PIGGYBACK_ADMIN_TOKEN"
@@ -81,7 +82,9 @@ def test_train_publishing_to_the_servers_own_store_says_it_is_served(s3_env, s3_
     assert served["identity"] == artifact_identity(TaskStore(location).manifest("published-first"))
 
 
-def test_token_from_a_file_or_the_environment_and_registering_again(s3_server_store, resnet18, tmp_path):
+def test_token_from_a_file_or_the_environment_and_registering_again(
+    capsys, monkeypatch, s3_server_store, resnet18, tmp_path
+):
     base, _ = s3_server_store
     first, other = tmp_path / "first.safetensors", tmp_path / "other.safetensors"
     save_artifact(random_task_artifact(resnet18, "resnet18", task="by-file", version=2, seed=1), first)
@@ -93,11 +96,13 @@ def test_token_from_a_file_or_the_environment_and_registering_again(s3_server_st
     done = training_cli("register", str(first), "--url", base, "--token-file", str(token_file), env=wrong)
     assert done.returncode == 0 and "registered task by-file version 2" in done.stdout, done.stderr
 
-    right = {TOKEN_VARIABLE: ADMIN_TOKEN}
-    done = training_cli("register", str(first), "--url", base, env=right)  # the same artifact again: a retry
+    monkeypatch.setenv(TOKEN_VARIABLE, ADMIN_TOKEN)  # from here on in this process: the token from the environment
+    argv = ["register", str(first), "--url", base]
+    done = subprocess.CompletedProcess(argv, *run_cli(capsys, *argv))  # the same artifact again: a retry
     assert done.returncode == 0 and "registered task by-file version 2" in done.stdout, done.stderr
 
-    done = training_cli("register", str(other), "--url", base, env=right)  # another artifact, same version
+    argv = ["register", str(other), "--url", base]
+    done = subprocess.CompletedProcess(argv, *run_cli(capsys, *argv))  # another artifact, same version
     assert_one_line_error(done, 1, "409", "not higher than its live version 2", str(other))
     assert httpx.get(f"{base}/tasks/by-file").json()["identity"] == artifact_identity(load_artifact(first).manifest)
 
@@ -116,7 +121,7 @@ def test_token_from_a_file_or_the_environment_and_registering_again(s3_server_st
     ],
 )
 def test_bad_token_or_url_is_one_line_and_status_2_before_anything_runs(
-    tmp_path, tiny_data, backbone_file, artifact_file, command, extra, env, words
+    capsys, monkeypatch, tmp_path, tiny_data, backbone_file, artifact_file, command, extra, env, words
 ):
     (tmp_path / "latin1").write_bytes("geheim-schlüssel-0123".encode("latin-1"))
     extra = [arg.format(missing=tmp_path / "missing", latin1=tmp_path / "latin1") for arg in extra]
@@ -127,7 +132,10 @@ def test_bad_token_or_url_is_one_line_and_status_2_before_anything_runs(
                 "--no-progress", *extra]  # fmt: skip
     else:
         argv = ["register", str(artifact_file), *extra]
-    done = training_cli(*argv, env=env)
+    monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    done = subprocess.CompletedProcess(argv, *run_cli(capsys, *argv))
     assert_one_line_error(done, 2, *words)
     assert "epoch" not in done.stdout and not out.exists()
     assert "tökén" not in done.stderr and "schlüssel" not in done.stderr  # a secret is never echoed
