@@ -31,8 +31,6 @@ from tests.support.servers import free_port, readiness_saying, run_as_group, ser
 from training.cli import cmd_register
 from training.demo import DEMO_ARCH, DEMO_PREPROCESS
 
-pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
-
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"

@@ -17,8 +17,6 @@ import sklearn
 from tests.service.test_imagenet_task import torchvision_probabilities
 from tests.support.servers import free_port, wait_ready
 
-pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
-
 REPO = Path(__file__).resolve().parents[2]
 
 
