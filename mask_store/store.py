@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import random
 import re
@@ -43,6 +44,7 @@ from mask_store.objects import ObjectConflict, ObjectStore, StoreUnavailable
 
 log = logging.getLogger("piggyback.store")
 INDEX_KEY = "_index.json"
+RECENT_KEY = "_recent.json"  # a hint, not the truth: the tasks a server last used most, for warm-up
 LEGACY_KEY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(\d{8,12})\.safetensors$")
 CURRENT_KEY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(\d{8,12})-[0-9a-f]{16}\.safetensors$")
 PUBLISH_ATTEMPTS = 50
@@ -57,6 +59,9 @@ class StoredVersion(BaseModel):
 
     key: str
     identity: str = ""  # empty: listed from a store written before the index, not yet read
+    # a server proved it runs (one forward on a backbone whose fingerprint the manifest names) before
+    # publishing: other replicas check the identity on load and skip the proof
+    proven: bool = False
 
 
 class StoreIndex(BaseModel):
@@ -80,6 +85,7 @@ class LiveTask:
     version: int
     identity: str  # sha256 of the manifest; empty for a pre-index store's object not yet read
     key: str
+    proven: bool = False  # proved to run by the server that published it
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class Snapshot:
         for name in index.tasks:
             if (found := index.live(name)) is not None:
                 version, entry = found
-                tasks[name] = LiveTask(name, version, entry.identity, entry.key)
+                tasks[name] = LiveTask(name, version, entry.identity, entry.key, entry.proven)
         return cls(index.generation, tag, tasks)
 
 
@@ -122,9 +128,15 @@ def _collector_paused():
             gc.enable()
 
 
+def _index_bytes(index: StoreIndex) -> bytes:
+    """The index as stored: fields at their defaults left out (an unproved entry costs no bytes)."""
+    return index.model_dump_json(indent=1, exclude_defaults=True).encode()
+
+
 def _names(index: StoreIndex, name: str, version: int, entry: StoredVersion) -> bool:
-    """Whether `index` names exactly this artifact as the task's live version."""
-    return index.live(name) == (version, entry)
+    """Whether `index` names exactly this artifact as the task's live version (proved or not)."""
+    live = index.live(name)
+    return live is not None and (live[0], live[1].key, live[1].identity) == (version, entry.key, entry.identity)
 
 
 class TaskStore:
@@ -187,7 +199,7 @@ class TaskStore:
                 key=key, identity=artifact_identity(manifest)
             )
         index = StoreIndex(generation=int(time.time() * 1000), tasks=tasks)
-        self.objects.put_if(INDEX_KEY, index.model_dump_json(indent=1).encode(), None)
+        self.objects.put_if(INDEX_KEY, _index_bytes(index), None)
         log.warning("rebuilt the index of %s: %d tasks, generation %d", self.url, len(tasks), index.generation)
         return index
 
@@ -206,7 +218,7 @@ class TaskStore:
                 return index, tag
             index.generation += 1
             try:
-                return index, self.objects.put_if(INDEX_KEY, index.model_dump_json(indent=1).encode(), tag)
+                return index, self.objects.put_if(INDEX_KEY, _index_bytes(index), tag)
             except ObjectConflict:
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
         raise StoreUnavailable(f"the store index in {self.url} kept changing; {PUBLISH_ATTEMPTS} attempts lost")
@@ -263,6 +275,21 @@ class TaskStore:
         """The live manifest of every task."""
         return [self.manifest(name) for name in self.names()]
 
+    def recent_tasks(self) -> list[str]:
+        """The task names a server last recorded as its most recently used, most recent first; [] when
+        there is no record or it cannot be read (a hint for warm-up, never a reason to fail)."""
+        try:
+            data = self.objects.get(RECENT_KEY)
+            names = json.loads(data)["tasks"] if data is not None else []
+        except (MaskStoreError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the recently used tasks recorded in %s: %s", self.url, exc)
+            return []
+        return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
+
+    def remember_recent(self, names: list[str]) -> None:
+        """Record this server's most recently used tasks (last writer wins: it is a hint)."""
+        self.objects.put(RECENT_KEY, json.dumps({"tasks": names}).encode())
+
     # --- writing -------------------------------------------------------------------------------
     def put(self, source: str | Path | bytes, layout: BackboneLayout | None = None) -> TaskArtifact:
         """Validate an artifact (file path or bytes) and store it durably; returns it loaded."""
@@ -272,11 +299,12 @@ class TaskStore:
             artifact.check_backbone(layout)
         return self.publish(data, artifact).artifact
 
-    def publish(self, data: bytes, artifact: TaskArtifact | None = None) -> Published:
+    def publish(self, data: bytes, artifact: TaskArtifact | None = None, proven: bool = False) -> Published:
         """Store an artifact durably; returns it with the snapshot of the index that names it.
 
-        `artifact`: `data` already parsed and checked by the caller (a server checks it against its
-        backbone and proves it runs first). Refuses with CorruptArtifact or TaskVersionExists; a refusal
+        `artifact`: `data` already parsed and checked by the caller. `proven`: the caller (a server)
+        checked it against its backbone and proved it runs; the index says so, and replicas loading it
+        skip the proof. Refuses with CorruptArtifact or TaskVersionExists; a refusal
         writes nothing, and neither does a failure to publish (the object written for it is removed).
         """
         if artifact is None:
@@ -284,7 +312,7 @@ class TaskStore:
         name, version = artifact.manifest.task, artifact.manifest.version
         identity = artifact_identity(artifact.manifest)
         key = f"{name}/{version:08d}-{identity[:16]}.safetensors"
-        entry = StoredVersion(key=key, identity=identity)
+        entry = StoredVersion(key=key, identity=identity, proven=proven)
         index, tag = self.read_index()
         if tag is None:  # a store's first write: its index first, so no task object ever stands without one
             index, tag = self._update_index(lambda index: None)

@@ -114,11 +114,13 @@ class Engine:
         return flat
 
     # --- tasks ---------------------------------------------------------------------------------
-    def prepare(self, artifact: TaskArtifact) -> LoadedTask:
+    def prepare(self, artifact: TaskArtifact, prove: bool = True) -> LoadedTask:
         """Put a validated artifact on the device and prove it runs; raises CorruptArtifact if it cannot.
 
         The proof is what a request would do: preprocess an image at the declared input, one forward,
-        finite probabilities. A task that passes cannot fail every request or break the warm-up.
+        finite probabilities. A task that passes cannot fail every request or break the warm-up. It runs
+        once, at registration: a task the store says was proved (`prove=False`) is only checked against
+        this backbone, its identity having been checked by the store on load.
         """
         artifact.check_backbone(self.layout)
         planes = artifact.plane_tensors()
@@ -141,6 +143,8 @@ class Engine:
         try:
             probe = task.transform(Image.new("RGB", (manifest.preprocess.size, manifest.preprocess.size)))
             task.input_shape = tuple(probe.shape)
+            if not prove:
+                return task
             probe = torch.stack([probe, torch.randn(probe.shape, generator=torch.Generator().manual_seed(0))])
             probabilities = self.forward_task(task, probe, prove=True)
         except Exception as exc:

@@ -61,6 +61,18 @@ class Metrics:
         self.resident_bytes = Gauge(
             "piggyback_resident_bytes", "Device bytes of the resident tasks' masks, BN and heads", registry=r
         )
+        self.host_tier_tasks = Gauge(
+            "piggyback_host_tier_tasks",
+            "Verified task artifacts kept in host memory (PIGGYBACK_HOST_BUDGET_MB)",
+            registry=r,
+        )
+        self.host_tier_bytes = Gauge("piggyback_host_tier_bytes", "Host bytes of the kept artifacts", registry=r)
+        self.host_tier_hits = Counter(
+            "piggyback_host_tier_hits", "Task loads served from host memory instead of the store", registry=r
+        )
+        self.host_tier_evictions = Counter(
+            "piggyback_host_tier_evictions", "Artifacts dropped to keep within PIGGYBACK_HOST_BUDGET_MB", registry=r
+        )
         self.cold_loads = Histogram(
             "piggyback_cold_load_seconds",
             "Loading a task on its first use here: read, checksums, proof forward, to the device",

@@ -7,11 +7,15 @@ so a task answered 201 here never answers 404 or an older version afterwards.
 
 Registered is not resident. Every registered task is known from the snapshot (cheap, 10,000 of them
 in a few MB); a task is loaded onto the device (read, checked against the identity the snapshot
-names, proved by a forward) before use (PIGGYBACK_PRELOAD, PIGGYBACK_PINNED_TASKS) or on its first
-request, concurrent first requests sharing one load; the least recently used ones are unloaded beyond
-PIGGYBACK_RESIDENT_BUDGET_MB. Errors by kind: a storage or I/O error is "unavailable, retry", never a
-failure of that version; only an artifact that does not parse, match the backbone or run is a failed
-task, listed in `failed` until the store no longer names it.
+names; proved by a forward only if no server did so before publishing it) before use
+(PIGGYBACK_PRELOAD, PIGGYBACK_PINNED_TASKS, PIGGYBACK_PRELOAD_RECENT) or on its first request,
+concurrent first requests sharing one load; the least recently used ones are unloaded beyond
+PIGGYBACK_RESIDENT_BUDGET_MB. Their verified artifacts stay in host memory within
+PIGGYBACK_HOST_BUDGET_MB (`HostTier`), so they come back without a store read.
+
+Errors by kind: a storage or I/O error is "unavailable, retry", never a failure of that version; only
+an artifact that does not parse, match the backbone or run is a failed task, listed in `failed` until
+the store no longer names it.
 
 Registration reads top to bottom: parse, check the backbone and prove it runs (`Engine.prepare`),
 store and publish it (`TaskStore.publish`), install it, apply the published snapshot.
@@ -24,10 +28,11 @@ import threading
 import time
 from collections import OrderedDict
 
-from mask_store import LiveTask, Snapshot, StoreUnavailable, TaskNotFound, TaskStore, parse_artifact
+from mask_store import LiveTask, Snapshot, StoreUnavailable, TaskArtifact, TaskNotFound, TaskStore, parse_artifact
 from mask_store.manifest import Manifest
 from mask_store.store import IndexMissing, StoreIndex
 from service.engine import Engine, LoadedTask
+from service.host_tier import HostTier
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -51,6 +56,9 @@ class TaskRegistry:
         self._tasks: OrderedDict[str, LoadedTask] = OrderedDict()
         self._resident_budget = int(settings.resident_budget_mb * 1024 * 1024)
         self._pinned = settings.pinned()
+        self.host = HostTier(int(settings.host_budget_mb * 1024 * 1024), metrics)
+        self._recent_at_start: list[str] | None = None  # the store's record of recently used tasks, read once
+        self._recent_recorded: list[str] = []
         self._loading: dict[str, threading.Lock] = {}  # one load per task at a time; other tasks in parallel
         self.failed: dict[str, str] = {}  # task name -> why this replica does not serve it
         self._failed_versions: dict[str, tuple[int, str]] = {}  # known-bad (version, identity): not reloaded
@@ -76,7 +84,7 @@ class TaskRegistry:
         artifact = parse_artifact(data, "uploaded artifact")
         task = self.engine.prepare(artifact)
         with self._sync_lock:
-            published = self.store.publish(data, artifact)
+            published = self.store.publish(data, artifact, proven=True)
             try:
                 self._install(task, allow_older=False)
             except BaseException:
@@ -84,6 +92,9 @@ class TaskRegistry:
                 self.store.withdraw(task.name, task.version)
                 raise
             self._apply(published.snapshot)
+        live = published.snapshot.tasks.get(task.name)
+        if live is not None and (live.version, live.identity) == (task.version, task.identity):
+            self.host.keep(live, artifact)
         return task
 
     def unregister(self, name: str) -> None:
@@ -151,11 +162,17 @@ class TaskRegistry:
         return complete
 
     def _to_preload(self, live: dict[str, LiveTask]) -> list[LiveTask]:
-        """Tasks to load now rather than on first use: pinned ones first, then with PIGGYBACK_PRELOAD=all
-        every other one (the caller stops at the resident budget: a long tail beyond it loads on demand)."""
-        names = [n for n in live if n in self._pinned]
+        """Tasks to load now rather than on first use: pinned ones first, then at start-up the most recently
+        used ones the store recorded (PIGGYBACK_PRELOAD_RECENT: a restart meets no cold storm), then with
+        PIGGYBACK_PRELOAD=all every other one (the caller stops at the resident budget: a long tail beyond
+        it loads on demand)."""
+        names = dict.fromkeys(n for n in live if n in self._pinned)  # an ordered set
+        if self._recent_at_start is None:
+            limit = self.settings.preload_recent
+            self._recent_at_start = self.store.recent_tasks()[:limit] if limit else []
+            names.update(dict.fromkeys(n for n in self._recent_at_start if n in live))
         if self.settings.preload == "all":
-            names += [n for n in live if n not in self._pinned]
+            names.update(dict.fromkeys(live))
         return [
             live[name]
             for name in names
@@ -208,6 +225,15 @@ class TaskRegistry:
         self.engine.retire(task)
         return True
 
+    def remember_recent(self) -> None:
+        """Record the most recently used resident tasks in the store, when they changed since the last
+        record, for the next start-up of any replica (the store watcher calls it; so does shutdown)."""
+        with self._lock:
+            names = list(reversed(self._tasks))[: self.settings.preload_recent]
+        if names and names != self._recent_recorded:
+            self.store.remember_recent(names)
+            self._recent_recorded = names
+
     def _resident_bytes(self) -> int:
         return sum(t.nbytes for t in self._tasks.values())
 
@@ -226,6 +252,7 @@ class TaskRegistry:
             self._count_resident()
         if task is not None:
             self.engine.retire(task)
+        self.host.forget(name)
         self.metrics.forget_task(name)
 
     def _record_failure(self, live: LiveTask, exc: Exception) -> None:
@@ -273,7 +300,7 @@ class TaskRegistry:
                 raise self._not_found(live.name)
             started = time.perf_counter()
             try:
-                task = self.engine.prepare(self.store.load(live))
+                task, artifact = self._prepared(live)
             except (StoreUnavailable, OSError) as exc:
                 if kept is not None:
                     return kept
@@ -286,10 +313,20 @@ class TaskRegistry:
                     return kept
                 raise self._not_found(live.name) from exc
             self._install(task, allow_older=True)
+            self.host.keep(live, artifact)
             elapsed = time.perf_counter() - started
             self.metrics.cold_loads.observe(elapsed)
             log.info("task %s version %d loaded (%.0f ms)", live.name, live.version, elapsed * 1000)
             return task
+
+    def _prepared(self, live: LiveTask) -> tuple[LoadedTask, TaskArtifact]:
+        """The live version on the device: from the host tier if kept there (it ran here before), else read
+        from the store, checked, and proved unless the index says a server proved it."""
+        kept = self.host.get(live)
+        if kept is not None:
+            return self.engine.prepare(kept, prove=False), kept
+        artifact = self.store.load(live)
+        return self.engine.prepare(artifact, prove=not live.proven), artifact
 
     def _not_found(self, name: str) -> TaskNotFound:
         why = self.failed.get(name)

@@ -72,10 +72,23 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="device memory for resident tasks (masks, BN, heads); least recently used ones are unloaded",
     )
+    host_budget_mb: float = Field(
+        512,
+        ge=0,
+        allow_inf_nan=False,
+        description="host memory for verified artifacts of recently used tasks, so a task unloaded from the device "
+        "loads again without a store read; 0 = none",
+    )
     preload: Literal["all", "pinned"] = Field(
         "all",
         description="tasks loaded before use: every one (within the resident budget), or only PIGGYBACK_PINNED_TASKS; "
         "the others load on their first request",
+    )
+    preload_recent: int = Field(
+        64,
+        ge=0,
+        description="tasks loaded at start-up from the store's record of the most recently used ones (within the "
+        "resident budget), so a restart meets no cold storm; 0 = none",
     )
     pinned_tasks: str = Field("", description="comma-separated task names always kept resident, loaded at start-up")
     torch_threads: int = Field(

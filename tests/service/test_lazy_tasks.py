@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from mask_store import TaskStore, artifact_bytes
 from service.engine import Engine
@@ -45,9 +46,10 @@ def test_cold_tasks_load_on_first_use_within_the_resident_budget(tmp_path, backb
     with serve_in_thread(eager) as base:
         expected = {name: predict(base, name).json() for name in NAMES}
 
-    lazy = server_settings(
-        backbone_file, tmp_path / "store", preload="pinned", pinned_tasks="a", resident_budget_mb=2 * TASK_MB
-    )
+    lazy = server_settings(  # no recently used tasks preloaded: the eager server recorded all four
+        backbone_file, tmp_path / "store", preload="pinned", pinned_tasks="a", preload_recent=0,
+        resident_budget_mb=2 * TASK_MB,
+    )  # fmt: skip
     with serve_in_thread(lazy) as base:
         listed = {task["name"]: task for task in httpx.get(f"{base}/tasks").json()}
         assert listed["a"]["status"] == "serving" and listed["a"]["resident"] is True
@@ -94,3 +96,84 @@ def test_a_task_dropped_from_ray_serves_lru_is_unloaded_once(tmp_path, backbone_
     reloaded = registry.task("a")  # its next request loads it again
     del held  # the collector finalizes the dropped handle: "a" stays resident
     assert registry.resident_task("a") is reloaded
+
+
+def test_the_proof_forward_runs_once_at_registration_and_never_on_another_replica(tmp_path, backbone_file, resnet18):
+    """A task a server registered is marked proved in the index: another replica checks its identity and
+    backbone on load and runs no proof; one stored by `put` (`train --out`) is proved by the replica
+    that loads it first."""
+    settings = server_settings(backbone_file, tmp_path / "store", preload="pinned")
+    registering, loading = (TaskRegistry.over_store_of(Engine(settings, Metrics())) for _ in range(2))
+    proofs: dict[int, list[str]] = {id(registering): [], id(loading): []}
+    for registry in (registering, loading):
+        forward, seen = registry.engine.forward_task, proofs[id(registry)]
+
+        def spy(task, images, prove=False, forward=forward, seen=seen):
+            if prove:
+                seen.append(task.name)
+            return forward(task, images, prove=prove)
+
+        registry.engine.forward_task = spy
+    registering.register(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="registered", seed=1)))
+    registering.store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task="put", seed=2)))
+    assert proofs[id(registering)] == ["registered"]
+
+    loading.sync_with_store()
+    registering.sync_with_store()
+    assert loading.registered()["registered"].proven and not loading.registered()["put"].proven
+    image = torch.rand(1, 3, 16, 16)
+    for name in ("registered", "put"):
+        task = loading.task(name)
+        torch.testing.assert_close(
+            loading.engine.forward_task(task, image), registering.engine.forward_task(registering.task(name), image)
+        )
+    assert proofs[id(loading)] == ["put"]  # and the registering replica proved "put" on its own first load
+
+
+def test_a_task_unloaded_from_the_device_loads_again_from_host_memory(tmp_path, backbone_file, resnet18):
+    """The host tier keeps verified artifacts within PIGGYBACK_HOST_BUDGET_MB: a task the device tier
+    dropped comes back without a store read, and least recently used artifacts go beyond the budget."""
+    made = [random_task_artifact(resnet18, "resnet18", task=name, seed=i) for i, name in enumerate(NAMES)]
+    artifacts = [artifact_bytes(artifact) for artifact in made]
+    one_artifact_mb = len(artifacts[0]) * 2.2 / 2**20  # decoded and stored planes, BN and head
+    settings = server_settings(backbone_file, tmp_path / "store", preload="pinned", host_budget_mb=2 * one_artifact_mb)
+    registry = TaskRegistry.over_store_of(Engine(settings, Metrics()))
+    for data in artifacts:
+        registry.register(data)
+    reads: list[str] = []
+    load = registry.store.load
+    registry.store.load = lambda live: reads.append(live.name) or load(live)
+    image = torch.rand(1, 3, 16, 16)
+    expected = {name: registry.engine.forward_task(registry.task(name), image) for name in NAMES}
+    assert reads == []  # all four resident
+
+    for name in NAMES:
+        assert registry.unload(name)
+    for name in ("d", "c", "b", "a"):  # the two registered last are in host memory; the others are read
+        torch.testing.assert_close(registry.engine.forward_task(registry.task(name), image), expected[name])
+    assert reads == ["b", "a"]
+    assert registry.metrics.host_tier_hits._value.get() == 2
+    assert registry.metrics.host_tier_tasks._value.get() == 2  # "b" and "a" now, "d" and "c" dropped
+
+    registry.unregister("a")
+    assert registry.metrics.host_tier_tasks._value.get() == 1
+
+
+def test_a_restart_loads_the_most_recently_used_tasks_before_its_first_request(tmp_path, backbone_file, resnet18):
+    """A server records its most recently used tasks in the store (every minute, and when it stops);
+    the next start-up loads them with the pinned ones, within PIGGYBACK_PRELOAD_RECENT and the budget."""
+    store = TaskStore(tmp_path / "store")
+    for seed, name in enumerate(NAMES):
+        store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task=name, seed=seed)))
+    lazy = dict(preload="pinned", preload_recent=2)
+    with serve_in_thread(server_settings(backbone_file, tmp_path / "store", **lazy)) as base:
+        for name in ("d", "b", "c"):
+            assert predict(base, name).status_code == 200
+    assert store.recent_tasks() == ["c", "b"]  # recorded at shutdown, most recent first
+
+    with serve_in_thread(server_settings(backbone_file, tmp_path / "store", **lazy)) as base:
+        listed = {task["name"]: task["resident"] for task in httpx.get(f"{base}/tasks").json()}
+        assert listed == {"a": False, "b": True, "c": True, "d": False}
+    store.objects.put("_recent.json", b"{not json")  # a damaged record is ignored, never a failed start
+    with serve_in_thread(server_settings(backbone_file, tmp_path / "store", **lazy)) as base:
+        assert not any(task["resident"] for task in httpx.get(f"{base}/tasks").json())
