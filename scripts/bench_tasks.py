@@ -2,7 +2,9 @@ r"""Many registered tasks on one replica (not a test): start-up, memory, cold lo
 
 A store of N tasks (default 10,000) of mobilenet_v2 (random weights) at 32 px, without per-task BN, is
 bulk-imported: one artifact whose task name is rewritten per task (the manifest binds the name, so
-each task has its own identity and cache entry), every object written, then one index. Then a real
+each task has its own identity and cache entry), every object written, then one index whose entries say
+they were proved, as a server's registrations leave them (replicas load them without a proof forward;
+the artifact is the same random one for every task). Then a real
 `python -m service` with `PIGGYBACK_PRELOAD=pinned` (registered is not resident) is measured:
 
 1. time from process start to `/readyz` 200, and RSS then, against the same server over 20 tasks;
@@ -53,7 +55,7 @@ def build_store(root: Path, count: int, model: torch.nn.Module) -> tuple[Path, b
         identity = artifact_identity(artifact.manifest)
         key = f"t{i:05d}/00000001-{identity[:16]}.safetensors"
         store.objects.put(key, artifact_bytes(artifact))
-        tasks[f"t{i:05d}"] = {1: StoredVersion(key=key, identity=identity)}
+        tasks[f"t{i:05d}"] = {1: StoredVersion(key=key, identity=identity, proven=True)}
     store.objects.put_if(INDEX_KEY, StoreIndex(generation=1, tasks=tasks).model_dump_json().encode(), None)
     spare = dataclasses.replace(base, manifest=base.manifest.model_copy(update={"task": "newcomer"}))
     return root, artifact_bytes(spare)

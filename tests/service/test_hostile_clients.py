@@ -26,7 +26,8 @@ from service.settings import Settings
 from tests.support.builders import random_task_artifact
 from tests.support.servers import png_bytes, rss_mb, start_service, stop_process
 
-pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
+# timing- or memory-sensitive: after the parallel pass, one at a time, beside the "ray" group (Makefile `test`)
+pytestmark = [pytest.mark.serial, pytest.mark.xdist_group("timing")]
 
 PX32 = Preprocess(size=32, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
 BODY_TIMEOUT_S = 4

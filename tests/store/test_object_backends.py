@@ -4,7 +4,6 @@ endpoint) are at the end."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from mask_store.object_location import open_objects
 from mask_store.objects import TEMP_PREFIX, LocalObjects, ObjectConflict, ObjectStore, StoreUnavailable
 from tests.support.object_workers import content, is_complete, race
+from tests.support.servers import forked_processes
 from tests.support.tcp_proxy import TcpProxy
 
 WORKERS = Path(__file__).resolve().parents[1] / "support" / "object_workers.py"
@@ -115,15 +115,14 @@ def test_threads_racing_on_one_tag_exactly_one_wins(store):
         assert store.get("index") == winners[0]
 
 
-@pytest.mark.slow  # two fresh interpreters: ~10 s on an idle 2-core VM
 def test_processes_racing_on_one_tag_exactly_one_wins(backend, store):
     kind, location = backend
     rounds = 8
     store.put("index", b"start")
-    context = multiprocessing.get_context("spawn")
+    context = forked_processes()  # two real processes, forked without importing torch again
     barrier, results = context.Barrier(2), context.Queue()
     processes = [
-        context.Process(target=race, args=(kind, location, "index", rounds, name, barrier, results))
+        context.Process(target=race, args=(kind, location, "index", rounds, name, barrier, results, dict(os.environ)))
         for name in ("A", "B")
     ]
     for process in processes:

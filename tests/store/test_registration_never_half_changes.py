@@ -5,7 +5,6 @@ the new version, complete, and a service that starts."""
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import random
 import time
 
@@ -20,7 +19,7 @@ from service.app import create_app
 from tests.store.test_artifacts import edit_manifest
 from tests.store.test_store_rules import visible
 from tests.support.builders import ADMIN_TOKEN, server_settings
-from tests.support.servers import png_bytes, serve_in_thread, service_process
+from tests.support.servers import forked_processes, png_bytes, serve_in_thread, service_process
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -62,10 +61,7 @@ def _put(root, upload, started) -> None:
     store.put(data)
 
 
-# Writers fork from one server process that imported mask_store once: each SIGKILL trial then costs a
-# fork, not the 4 s of importing torch, and no writer inherits this test process's thread pools.
-FORKS = multiprocessing.get_context("forkserver")
-FORKS.set_forkserver_preload(["mask_store"])
+FORKS = forked_processes()  # each SIGKILL trial costs a fork, not an interpreter start
 
 
 def _with_version(data: bytes, version: int) -> bytes:

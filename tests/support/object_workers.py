@@ -7,6 +7,7 @@ self-describing objects forever, printing each index once its put returned.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 
 from mask_store.objects import LocalObjects, ObjectConflict, ObjectStore
@@ -42,8 +43,10 @@ def write_forever(kind: str, location: str, size: int) -> None:
         index += 1
 
 
-def race(kind: str, location: str, key: str, rounds: int, name: str, barrier, results) -> None:
-    """Each round: all racers read the same tag, then all put_if on it; report which rounds were won."""
+def race(kind: str, location: str, key: str, rounds: int, name: str, barrier, results, env: dict) -> None:
+    """Each round: all racers read the same tag, then all put_if on it; report which rounds were won.
+    `env`: the test's environment (the S3 endpoint and keys), which a forked racer does not inherit."""
+    os.environ.update(env)
     store = open_backend(kind, location)
     won = []
     for round_ in range(rounds):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
 import signal
 import socket
@@ -62,6 +63,15 @@ def serve_in_thread(settings: Settings, app: FastAPI | None = None):
         server.should_exit = True
         thread.join(timeout=30)
         SERVICE_URLS.discard(base)
+
+
+def forked_processes():
+    """A multiprocessing context whose processes fork from one server process that imported mask_store
+    (and the object-store workers) once: a test starting many real processes pays a fork each, not the
+    4 s of importing torch, and no child inherits the test process's thread pools."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mask_store", "tests.support.object_workers"])
+    return context
 
 
 def png_bytes(seed: int = 0, size: int = 16, mode: str = "L") -> bytes:
