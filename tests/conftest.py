@@ -7,7 +7,14 @@ from __future__ import annotations
 import os
 import uuid
 
-import torch
+# Under pytest-xdist (`make test`: two workers on two cores) each worker, and every process its tests
+# start (servers, CLIs, benchmarks: they inherit this), runs torch on one thread. Two workers of two
+# OpenMP threads each, plus the servers they start, oversubscribe the cores and spin: a training test
+# that takes 9 s alone took 75 s in the parallel pass.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Run Triton kernels on the CPU through Triton's interpreter. Must precede the first import of
@@ -18,7 +25,7 @@ import pytest  # noqa: E402
 
 from mask_store import BackboneLayout, build_backbone  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
