@@ -44,13 +44,13 @@ serve: demo
 test: $(VENV)/.installed system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m serial
+	$(PY) -m pytest -q -m serial
 
 # the inner loop: everything but the tests marked slow (real training, Ray clusters, large models)
 test-fast: $(VENV)/.installed system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not serial"
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "serial and not slow"
+	$(PY) -m pytest -q -m "serial and not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -33,8 +33,7 @@ from tests.support.builders import ADMIN_TOKEN, random_task_artifact, server_set
 from tests.support.servers import free_port, png_bytes, serve_in_thread
 
 pytest.importorskip("ray.serve", reason="ray is the optional extra: pip install -e '.[ray]'")
-# after the parallel pass, one Ray test at a time (they share Ray's default ports), beside the "timing" group
-pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

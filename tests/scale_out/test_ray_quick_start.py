@@ -25,8 +25,7 @@ from tests.support.builders import random_task_artifact
 from tests.support.servers import png_bytes
 
 pytest.importorskip("ray.serve", reason="ray is the optional extra: pip install -e '.[ray]'")
-# after the parallel pass, one Ray test at a time (they share Ray's default ports), beside the "timing" group
-pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADING = "## Scale out (Ray Serve)"

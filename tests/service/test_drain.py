@@ -13,8 +13,7 @@ from mask_store import Preprocess, TaskStore, artifact_bytes
 from tests.support.builders import random_task_artifact
 from tests.support.servers import png_bytes, start_service
 
-# timing- or memory-sensitive: after the parallel pass, one at a time, beside the "ray" group (Makefile `test`)
-pytestmark = [pytest.mark.serial, pytest.mark.xdist_group("timing")]
+pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
 
 DRAIN_S = 60
 REQUESTS, IMAGES = 6, 16  # one image per forward: about a hundred forwards still to run at SIGTERM

@@ -26,8 +26,7 @@ from service.settings import Settings
 from tests.support.builders import random_task_artifact
 from tests.support.servers import png_bytes, rss_mb, start_service, stop_process
 
-# timing- or memory-sensitive: after the parallel pass, one at a time, beside the "ray" group (Makefile `test`)
-pytestmark = [pytest.mark.serial, pytest.mark.xdist_group("timing")]
+pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
 
 PX32 = Preprocess(size=32, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
 BODY_TIMEOUT_S = 4

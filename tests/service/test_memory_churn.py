@@ -22,8 +22,7 @@ from mask_store import BackboneLayout, Preprocess, TaskStore, artifact_bytes
 from tests.support.builders import random_task_artifact
 from tests.support.servers import metric, png_bytes, rss_mb, start_service, stop_process
 
-# timing- or memory-sensitive: after the parallel pass, one at a time, beside the "ray" group (Makefile `test`)
-pytestmark = [pytest.mark.serial, pytest.mark.xdist_group("timing")]
+pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
 
 TASKS = 200
 CLIENTS = 8
