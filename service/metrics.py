@@ -75,7 +75,8 @@ class Metrics:
         )
         self.cold_loads = Histogram(
             "piggyback_cold_load_seconds",
-            "Loading a task on its first use here: read, checksums, proof forward, to the device",
+            "Loading a task on its first use here: from the host tier or the store (read, checksums, a proof "
+            "forward if no server proved it), to the device",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

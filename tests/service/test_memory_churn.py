@@ -22,8 +22,6 @@ from mask_store import BackboneLayout, Preprocess, TaskStore, artifact_bytes
 from tests.support.builders import random_task_artifact
 from tests.support.servers import metric, png_bytes, rss_mb, start_service, stop_process
 
-pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
-
 TASKS = 200
 CLIENTS = 8
 WARM_UP_S, CHURN_S = 5, 20
