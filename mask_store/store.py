@@ -77,6 +77,19 @@ class IndexMissing(StoreUnavailable):
     """The index is gone but task objects are there: damage to repair, not an empty store."""
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Parsing a 10,000-task index allocates tens of thousands of objects and no garbage; left on, the
+    cyclic collector runs full passes over the whole process meanwhile (measured: 250 ms instead of 20)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass(frozen=True)
 class LiveTask:
     """What a replica should serve for one task: its highest stored version, and where it is."""
@@ -100,10 +113,12 @@ class Snapshot:
     @classmethod
     def of(cls, index: StoreIndex, tag: str | None) -> Snapshot:
         tasks = {}
-        for name in index.tasks:
-            if (found := index.live(name)) is not None:
-                version, entry = found
-                tasks[name] = LiveTask(name, version, entry.identity, entry.key, entry.proven)
+        with _collector_paused():  # 10,000 new objects: no full collection passes over the process meanwhile
+            for name, versions in index.tasks.items():
+                if versions:
+                    version = max(versions)
+                    entry = versions[version]
+                    tasks[name] = LiveTask(name, version, entry.identity, entry.key, entry.proven)
         return cls(index.generation, tag, tasks)
 
 
@@ -115,17 +130,11 @@ class Published:
     snapshot: Snapshot
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Parsing a 10,000-task index allocates tens of thousands of objects and no garbage; left on, the
-    cyclic collector runs full passes over the whole process meanwhile (measured: 250 ms instead of 20)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+def _copy(index: StoreIndex) -> StoreIndex:
+    """A copy whose task and version maps a change may edit (the entries themselves are frozen)."""
+    with _collector_paused():
+        tasks = {name: dict(versions) for name, versions in index.tasks.items()}
+    return StoreIndex.model_construct(generation=index.generation, tasks=tasks)
 
 
 def _index_bytes(index: StoreIndex) -> bytes:
@@ -145,6 +154,9 @@ class TaskStore:
     def __init__(self, location: str | Path | ObjectStore):
         self.objects = open_objects(location)
         self.url = self.objects.url
+        # the index last read or written here, by its tag: a registration on a 10,000-task store then
+        # re-reads the bytes (the tag is their hash or ETag) but does not parse them again (60 ms)
+        self._parsed: tuple[str, StoreIndex] | None = None
 
     # --- the index ---------------------------------------------------------------------------
     def index_tag(self) -> str | None:
@@ -157,11 +169,16 @@ class TaskStore:
         if found is None:
             return self._index_from_listing(), None
         data, tag = found
+        parsed = self._parsed
+        if parsed is not None and parsed[0] == tag:
+            return _copy(parsed[1]), tag
         try:
             with _collector_paused():
-                return StoreIndex.model_validate_json(data), tag
+                index = StoreIndex.model_validate_json(data)
         except ValidationError as exc:
             raise StoreUnavailable(f"the store index {INDEX_KEY} in {self.url} is damaged: {exc}") from exc
+        self._parsed = (tag, index)
+        return _copy(index), tag
 
     def _index_from_listing(self) -> StoreIndex:
         tasks: dict[str, dict[int, StoredVersion]] = {}
@@ -208,7 +225,8 @@ class TaskStore:
     ) -> tuple[StoreIndex, str | None]:
         """Apply `change` to the latest index and publish it; retried when another writer won.
 
-        Returns the published index and its tag. `change` may refuse (raise) after seeing the latest
+        Returns the published index (read it, never change it: this store keeps it as its parsed copy)
+        and its tag. `change` may refuse (raise) after seeing the latest
         state, or return False when the index already says what it wants: nothing is written then.
         `known`: an index and tag just read, tried first (the compare-and-swap refuses it if stale).
         """
@@ -218,9 +236,12 @@ class TaskStore:
                 return index, tag
             index.generation += 1
             try:
-                return index, self.objects.put_if(INDEX_KEY, _index_bytes(index), tag)
+                tag = self.objects.put_if(INDEX_KEY, _index_bytes(index), tag)
             except ObjectConflict:
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+                continue
+            self._parsed = (tag, index)
+            return index, tag  # callers only read it (a snapshot): no copy of 10,000 entries
         raise StoreUnavailable(f"the store index in {self.url} kept changing; {PUBLISH_ATTEMPTS} attempts lost")
 
     def snapshot(self) -> Snapshot:
