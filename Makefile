@@ -46,7 +46,7 @@ test: $(VENV)/.installed system-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
 	$(PY) -m pytest -q -m serial
 
-# the inner loop: everything but the tests marked slow (real training, Ray clusters, large models)
+# the inner loop: everything but the tests marked slow (real training, started processes, Ray clusters, large models)
 test-fast: $(VENV)/.installed system-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not serial"

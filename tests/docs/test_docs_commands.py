@@ -155,6 +155,7 @@ PREFLIGHT = [  # refused before the server binds a port: stderr is exactly one l
 
 
 @pytest.mark.parametrize("env,variable", PREFLIGHT, ids=["-".join(env.values()) for env, _ in PREFLIGHT])
+@pytest.mark.slow
 def test_a_configuration_no_retry_can_fix_ends_the_start_in_one_line(env, variable, tmp_path, backbone_file):
     if variable == "PIGGYBACK_DEVICE" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -169,6 +170,7 @@ def test_a_configuration_no_retry_can_fix_ends_the_start_in_one_line(env, variab
     assert not (tmp_path / "store").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_weights_that_cannot_be_loaded_end_the_start_in_one_line(tmp_path, backbone_file):
     """Found while the backbone loads: the last line names the variable, no traceback, exit 2."""
     garbage = tmp_path / "backbone.pt"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_the_single_process_server_does_not_import_ray(tmp_path):
     code = (
         "import sys, service.__main__\n"

@@ -67,6 +67,7 @@ def test_served_imagenet_task_equals_torchvision(tmp_path, weights_file):
         assert reference.max() > 0.2  # a real photo of a real thing: the reference is confident, not noise
 
 
+@pytest.mark.slow
 def test_corrupted_weights_file_is_refused(tmp_path, weights_file):
     copy = tmp_path / weights_file.name
     shutil.copyfile(weights_file, copy)

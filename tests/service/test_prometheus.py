@@ -53,6 +53,7 @@ def test_promtool_accepts_the_exposition(server):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_latency_series(server, tmp_path):
     port = free_port()
     target = server.removeprefix("http://")

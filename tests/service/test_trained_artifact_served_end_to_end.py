@@ -48,6 +48,7 @@ def server_process(tmp_path):
         assert process.returncode in (0, -15) and "Application shutdown complete" in output, output
 
 
+@pytest.mark.slow
 def test_cli_artifact_registered_live_answers_like_a_dedicated_network(server_process):
     base, tmp_path, backbone = server_process
     assert httpx.get(f"{base}/tasks").json() == []

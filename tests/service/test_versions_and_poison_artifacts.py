@@ -45,6 +45,7 @@ def scores(response: httpx.Response) -> list[float]:
     return [entry["score"] for entry in sorted(ranked, key=lambda entry: entry["index"])]
 
 
+@pytest.mark.slow
 def test_reregistering_a_name_and_version_never_serves_the_old_masks(tmp_path, backbone_file, resnet18):
     old = random_task_artifact(resnet18, "resnet18", task="t", seed=1)
     new = random_task_artifact(resnet18, "resnet18", task="t", seed=2)  # same name and version, other masks

@@ -186,6 +186,7 @@ def test_a_writer_killed_mid_put_leaves_no_partial_object(backend, store):
         assert store.get("w/0") == content(0, size)
 
 
+@pytest.mark.slow
 def test_the_directory_store_never_imports_boto3(tmp_path):
     code = (
         "import sys; from mask_store.object_location import open_objects; "

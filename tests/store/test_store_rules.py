@@ -114,6 +114,7 @@ store.put(open(sys.argv[2], "rb").read())
 """
 
 
+@pytest.mark.slow
 def test_a_writer_killed_before_publishing_leaves_no_visible_task(store_location, tmp_path, versions):
     root, upload = store_location[1], tmp_path / "upload.safetensors"
     TaskStore(root).put(versions[1])

@@ -69,6 +69,7 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_publishing_to_the_servers_own_store_says_it_is_served(s3_env, s3_server_store, tiny_data, backbone_file):
     base, location = s3_server_store
     done = run_training_cli(
@@ -82,6 +83,7 @@ def test_train_publishing_to_the_servers_own_store_says_it_is_served(s3_env, s3_
     assert served["identity"] == artifact_identity(TaskStore(location).manifest("published-first"))
 
 
+@pytest.mark.slow
 def test_token_from_a_file_or_the_environment_and_registering_again(
     capsys, monkeypatch, s3_server_store, resnet18, tmp_path
 ):

@@ -26,6 +26,7 @@ def test_piggyback_beats_classifier_only_on_a_shifted_task(tmp_path):
     assert (tmp_path / "masked_out_per_layer.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_benchmark_runs_on_imagefolder_tasks_with_a_given_backbone(tmp_path, backbone_file):
     """The real-data path (the paper's CUBS, Cars, ... as ImageFolders over ImageNet weights), tiny."""
     for name, seed in (("one", 0), ("two", 1)):

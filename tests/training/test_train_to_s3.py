@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from mask_store import TaskStore
 from tests.support.builders import ADMIN_TOKEN, run_training_cli, server_settings, write_digits_imagefolder
 from tests.support.servers import serve_in_thread
 
 
+@pytest.mark.slow
 def test_train_publishes_to_s3_and_registers(s3_env, tmp_path, backbone_file):
     write_digits_imagefolder(tmp_path / "data", count=120)
     location = f"s3://{s3_env.bucket}/trained"
@@ -26,6 +28,7 @@ def test_train_publishes_to_s3_and_registers(s3_env, tmp_path, backbone_file):
     assert store.get("digits-s3").manifest.labels == tuple(served["labels"]) and served["version"] == 3
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_refused_before_training(s3_env, tmp_path, backbone_file):
     write_digits_imagefolder(tmp_path / "data", count=40)
     done = run_training_cli(backbone_file, tmp_path / "data", "t", "s3://no-such-bucket/x")

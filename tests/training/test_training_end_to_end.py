@@ -33,6 +33,7 @@ def test_training_never_touches_the_backbone(resnet18, digits, method, per_task_
     assert state_hash(resnet18) == before
 
 
+@pytest.mark.slow
 def test_piggyback_learns_digits_and_exports_exact_masks(resnet18, resnet18_layout, digits):
     train, val = digits
     config = TrainConfig(epochs=2, per_task_bn=True, lr_scores=1e-3, progress=False)
@@ -69,6 +70,7 @@ def test_ternary_and_mixed_export(resnet18, resnet18_layout, digits):
     assert not torch.equal(artifact.task_tensors["layer4.1.conv2.weight"], resnet18.layer4[1].conv2.weight)
 
 
+@pytest.mark.slow
 def test_cli_trains_on_imagefolder_of_pngs(tmp_path):
     model = build_backbone("resnet18")
     replace_head(model, 10)
