@@ -27,6 +27,7 @@ class StoreWatcher:
         self.registry = registry
         self.interval_s = interval_s
         self._stop = threading.Event()
+        self._recent_problem: str | None = None
         self._thread = threading.Thread(target=self._run, name="store-watcher", daemon=True)
 
     def start(self) -> None:
@@ -59,9 +60,12 @@ class StoreWatcher:
     def _record_recent(self) -> None:
         try:
             self.registry.remember_recent()
+            self._recent_problem = None
         except Exception as exc:  # a read-only store: the next start-up loads only the pinned tasks
             self.registry.metrics.store_sync_errors.labels(kind=f"recent:{type(exc).__name__}").inc()
-            log.warning("could not record the recently used tasks in the store: %s", exc)
+            if self._recent_problem != str(exc):  # logged once per problem, counted every time
+                log.warning("could not record the recently used tasks in the store: %s", exc)
+            self._recent_problem = str(exc)
 
     def _sweep(self) -> None:
         """Objects a writer left unnamed (killed before publishing) go after a grace period; any replica
