@@ -6,6 +6,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,9 +26,20 @@ from tests.support.http_guard import SERVICE_URLS
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, between Ray's worker ports (10002-19999) and the kernel's ephemeral range. A
+    port the kernel hands out (a bind to port 0) can go to another socket's outgoing connection before
+    the server binds it: a Ray cluster's start once took the port picked for its Serve proxy."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        ephemeral_low = int(ports.read().split()[0])
+    for _ in range(200):
+        port = random.SystemRandom().randrange(20_000, ephemeral_low)  # never a test's seeded sequence
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 20000 and {ephemeral_low}")
 
 
 def wait_ready(base_url: str, timeout: float = 120.0, process=None) -> None:
