@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="directory every node sees, for the backbone and the store")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--tasks", type=int, default=40)
-    parser.add_argument("--cached-tasks", type=int, default=20)
+    parser.add_argument("--cached-tasks", type=int, default=20, help="tasks a replica keeps resident and cached")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30)
     args = parser.parse_args()
@@ -155,7 +155,8 @@ def main() -> None:
         "PIGGYBACK_STORE": str(store),
         "PIGGYBACK_DEVICE": "auto",
         "PIGGYBACK_CACHE_BUDGET_MB": str((args.cached_tasks + 0.5) * per_task / 2**20),
-        "PIGGYBACK_RAY_TASKS_PER_REPLICA": str(args.cached_tasks),
+        # the resident set (and so Serve's routing): a task's bit-packed masks plus BN and head, with room
+        "PIGGYBACK_RESIDENT_BUDGET_MB": str((args.cached_tasks + 0.5) * (per_task / 4 / 8 + 65536) / 2**20),
     }
     proxy_port = free_port() if local else int(args.proxy.rsplit(":", 1)[1])
     if local:

@@ -11,9 +11,13 @@ Two deployments make one Serve application:
   (503 + Retry-After); a chunked body is counted while read and cut off at the limit. It forwards the
   rest to some replica; for
   `/tasks/{name}/...` it names the task as the Serve *multiplexed model id*, so Serve prefers the
-  replicas that already hold that task's materialized weights and falls back to any replica. The same
+  replicas where that task is resident and falls back to any replica. The same
   holds for the KServe V2 routes `/v2/models/{name}/...`. Clients keep POSTing to
   `/tasks/{name}/predict` (or `/v2/models/{name}/infer`) and need to know nothing of Ray.
+
+Task routing follows the registry's resident set (`ResidentRouting`): Serve's multiplexed set of a
+replica has no count of its own; a task enters it with its first request there (or its preload) and
+leaves it when the registry unloads it (PIGGYBACK_RESIDENT_BUDGET_MB, an unregistration).
 
 Deadlines: a prediction's deadline runs from its arrival at the router, not at the replica. The router
 sends the absolute deadline (wall clock, so nodes' clocks must agree, as NTP keeps them) with the
@@ -30,14 +34,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
+import os
 import socket
 import time
+from collections import deque
 from typing import Any
 
 import httpx
 import ray
-from prometheus_client import start_http_server
+from prometheus_client import Gauge, start_http_server
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -53,7 +60,10 @@ from service.errors import RETRY_AFTER_S, NotReady
 from service.inference import serving_task
 from service.middleware.admin_auth import ADMIN_PREFIX, admin_refusal
 from service.protocols import error_key_for, is_prediction, task_of
+from service.registry import TaskRegistry
 from service.settings import Settings
+
+log = logging.getLogger("piggyback.ray")
 
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 METRICS_TARGETS_ACTOR = "piggyback-metrics-targets"
@@ -97,13 +107,9 @@ class PiggybackReplica:
     async def __init__(self, settings: Settings) -> None:
         self.service = create_app(settings)
         self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.service), base_url="http://replica")
-
-        # Serve's per-replica LRU of "loaded models" is what the router's task routing reads; a task it
-        # drops is unloaded from the registry too, so the two are one resident set.
-        async def hold(task: str) -> HeldTask:  # a plain function: Serve keeps its LRU on the function object
-            return HeldTask(self.service.state.registry, await self._task(task))
-
-        self._hold_task = serve.multiplexed(max_num_models_per_replica=settings.ray_tasks_per_replica)(hold)
+        if "PIGGYBACK_RAY_TASKS_PER_REPLICA" in os.environ:
+            log.warning("PIGGYBACK_RAY_TASKS_PER_REPLICA is ignored: PIGGYBACK_RESIDENT_BUDGET_MB bounds what is held")
+        self._routing = ResidentRouting(self._task, self.service.state.metrics.registry)
         node = ray.util.get_node_ip_address()
         self._metrics_server, _ = start_http_server(0, addr=node, registry=self.service.state.metrics.registry)
         self._metrics_address = f"{node}:{self._metrics_server.server_port}"
@@ -129,7 +135,7 @@ class PiggybackReplica:
         return self.service
 
     async def _task(self, name: str) -> str:
-        """Holding a task = it is registered here; its weights are materialized by its first batch."""
+        """Holding a task = it is resident here (loaded now if it was not)."""
         registry = self.service.state.registry
         if registry is None:
             raise NotReady("replica still loading")
@@ -140,9 +146,15 @@ class PiggybackReplica:
         task = serve.get_multiplexed_model_id()
         if task:
             try:
-                await self._hold_task(task)
+                await self._routing.hold(task, self.service.state.registry)
             except (TaskNotFound, NotReady):
                 pass  # not held here; the app itself answers 404 or 503
+        try:
+            return await self._forward(request)
+        finally:
+            self._routing.forget_unloaded()
+
+    async def _forward(self, request: dict) -> dict:
         headers = request["headers"]
         if request.get("deadline") is not None:
             left = request["deadline"] - time.time()
@@ -162,21 +174,64 @@ class PiggybackReplica:
             await asyncio.sleep(0.1)  # the first check waits for the load, so no request meets a cold replica
         if state.startup_error is not None:
             raise RuntimeError(state.startup_error)
+        await self._routing.hold_resident(state.registry)
         await self._announce()
 
 
-class HeldTask:
-    """A task in Serve's multiplexed LRU. Serve calls `__del__` (in a thread) when it drops the task
-    from its LRU; the garbage collector calls it again later, which must then do nothing (the task may
-    have been loaded again since)."""
+class ResidentRouting:
+    """Serve's multiplexed set of this replica, kept equal to the registry's resident set.
 
-    def __init__(self, registry, name: str) -> None:
-        self.registry, self.name, self.released = registry, name, False
+    Serve's router sends a task to the replicas whose multiplexed set names it. That set is an LRU
+    with a count of its own; here it has none (-1): a task enters it with its first request (or, once,
+    when the replica is ready and it was preloaded) and leaves it when the registry unloads it, so
+    PIGGYBACK_RESIDENT_BUDGET_MB is the one bound. Serve offers no public call to drop an id, so
+    `forget_unloaded` edits its multiplex wrapper (ray[serve] is pinned; the Ray cluster test holds it).
+    """
 
-    def __del__(self) -> None:
-        if not self.released:
-            self.released = True
-            self.registry.unload(self.name)
+    _WRAPPER = "__serve_multiplex_wrapper"  # where Serve keeps a plain function's multiplex state
+
+    def __init__(self, load, metrics_registry) -> None:
+        async def held(task: str) -> str:  # a plain function: Serve keeps its set on the function object
+            return await load(task)
+
+        self._held_function = held
+        self._hold = serve.multiplexed(max_num_models_per_replica=-1)(held)
+        self._unloaded: deque[str] = deque()  # appended from any thread, drained on the event loop
+        self._listening: TaskRegistry | None = None
+        self._seeded = False
+        self._count = Gauge(
+            "piggyback_ray_routed_tasks", "tasks Serve routes to this replica (equal to its resident tasks)",
+            registry=metrics_registry,
+        )  # fmt: skip
+
+    async def hold(self, task: str, registry: TaskRegistry | None) -> None:
+        """Name `task` to Serve as held here, loading it first if it is not resident."""
+        if registry is not None and self._listening is not registry:
+            registry.on_unload(self._unloaded.append)
+            self._listening = registry
+        self.forget_unloaded()
+        await self._hold(task)
+        self.forget_unloaded()
+
+    async def hold_resident(self, registry: TaskRegistry) -> None:
+        """Once ready: the tasks preloaded at start-up (pinned, recently used) are routed here too."""
+        if not self._seeded:
+            self._seeded = True
+            for task in registry.tasks():
+                with contextlib.suppress(TaskNotFound, NotReady):
+                    await self.hold(task.name, registry)
+        self.forget_unloaded()
+
+    def forget_unloaded(self) -> None:
+        """Drop from Serve's set the tasks the registry unloaded since, and have Serve tell its routers."""
+        wrapper = getattr(self._held_function, self._WRAPPER, None)
+        while self._unloaded:
+            name = self._unloaded.popleft()
+            if self._listening is not None and self._listening.is_resident(name):
+                continue  # loaded again since
+            if wrapper is not None and wrapper.models.pop(name, None) is not None:
+                wrapper._push_multiplexed_replica_info = True
+        self._count.set(len(wrapper.models) if wrapper is not None else 0)
 
 
 def _reply(status: int, body: dict) -> dict:

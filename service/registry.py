@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from mask_store import LiveTask, Snapshot, StoreUnavailable, TaskArtifact, TaskNotFound, TaskStore, parse_artifact
 from mask_store.manifest import Manifest
@@ -60,6 +61,7 @@ class TaskRegistry:
         self._recent_at_start: list[str] | None = None  # the store's record of recently used tasks, read once
         self._recent_recorded: list[str] = []
         self._loading: dict[str, threading.Lock] = {}  # one load per task at a time; other tasks in parallel
+        self._unload_listeners: list[Callable[[str], None]] = []
         self.failed: dict[str, str] = {}  # task name -> why this replica does not serve it
         self._failed_versions: dict[str, tuple[int, str]] = {}  # known-bad (version, identity): not reloaded
         self._applied_tag: str | None | object = _NEVER
@@ -181,6 +183,20 @@ class TaskRegistry:
         ]
 
     # --- residency -----------------------------------------------------------------------------
+    def on_unload(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(name)` (in whichever thread unloads) each time a task stops being resident:
+        evicted beyond the budget, unloaded, or unregistered. Ray Serve's task routing follows the
+        resident set through it."""
+        self._unload_listeners.append(listener)
+
+    def _retire(self, task: LoadedTask, unloaded: bool) -> None:
+        """Free a task that left `_tasks` (the caller released the lock); tell the listeners if its name
+        is no longer resident (not when a newer version of it replaced it)."""
+        self.engine.retire(task)
+        if unloaded:
+            for listener in self._unload_listeners:
+                listener(task.name)
+
     def _install(self, task: LoadedTask, allow_older: bool) -> None:
         """Make `task` resident and served. A registration never replaces a higher resident version;
         a load from the snapshot may (allow_older): the store is the truth after an unregister."""
@@ -196,8 +212,10 @@ class TaskRegistry:
             self._failed_versions.pop(task.name, None)
             evicted = self._evict_beyond_budget(keep=task.name)
             self._count_resident()
-        for old in ([current] if current is not None else []) + evicted:
-            self.engine.retire(old)
+        if current is not None:
+            self._retire(current, unloaded=False)
+        for old in evicted:
+            self._retire(old, unloaded=True)
 
     def _evict_beyond_budget(self, keep: str) -> list[LoadedTask]:
         """Unload least recently used tasks (never pinned ones, nor `keep`) until the resident ones fit
@@ -211,19 +229,6 @@ class TaskRegistry:
                 resident -= evicted[-1].nbytes
                 self.metrics.resident_evictions.inc()
         return evicted
-
-    def unload(self, name: str) -> bool:
-        """Stop keeping `name` resident (it stays registered and loads again on its next request); pinned
-        tasks stay. True when it was unloaded. Ray Serve's multiplexed LRU calls it when it drops a task,
-        so that LRU and this resident set are one."""
-        with self._lock:
-            if name in self._pinned or name not in self._tasks:
-                return False
-            task = self._tasks.pop(name)
-            self.metrics.resident_evictions.inc()
-            self._count_resident()
-        self.engine.retire(task)
-        return True
 
     def remember_recent(self) -> None:
         """Record the most recently used resident tasks in the store, when they changed since the last
@@ -251,7 +256,7 @@ class TaskRegistry:
             self._loading.pop(name, None)
             self._count_resident()
         if task is not None:
-            self.engine.retire(task)
+            self._retire(task, unloaded=True)
         self.host.forget(name)
         self.metrics.forget_task(name)
 
@@ -339,6 +344,10 @@ class TaskRegistry:
         """The task if it is resident at its live version (no I/O: safe on an event loop), else None."""
         live = self._live.get(name)
         return self._resident_if_current(live) if live is not None else None
+
+    def is_resident(self, name: str) -> bool:
+        """Whether some version of `name` is on the device here (without touching its recency)."""
+        return self._task_or_none(name) is not None
 
     def task(self, name: str) -> LoadedTask:
         """The live version of a registered task, loaded first if it is cold (blocking: store I/O and a

@@ -142,7 +142,6 @@ class Settings(BaseSettings):
     ray_router_max_inflight: int = Field(
         256, ge=1, description="requests the Ray router holds at once (bodies included); beyond: 503 from the headers"
     )
-    ray_tasks_per_replica: int = Field(20, ge=1, description="tasks a replica keeps hot for task routing")
     ray_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each model replica")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="log level of the server and uvicorn"

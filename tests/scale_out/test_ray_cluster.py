@@ -30,7 +30,7 @@ import yaml
 
 from mask_store import TaskStore, artifact_bytes
 from tests.support.builders import ADMIN_TOKEN, random_task_artifact, server_settings
-from tests.support.servers import free_port, png_bytes, serve_in_thread
+from tests.support.servers import free_port, metric, png_bytes, serve_in_thread
 
 pytest.importorskip("ray.serve", reason="ray is the optional extra: pip install -e '.[ray]'")
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
@@ -40,6 +40,7 @@ BIN = Path(sys.executable).parent
 REPLICA = "x-piggyback-replica"
 ROUTER_MAX_INFLIGHT = 8
 MAX_REQUEST_BYTES = 1024 * 1024
+RESIDENT_BUDGET_MB = 2  # one resnet18 task (about 1.41 MiB) per replica: loads and evictions are frequent
 
 
 def _run(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -112,6 +113,7 @@ def cluster(tmp_path_factory, store, backbone_file, ray_env):
         PIGGYBACK_RAY_MAX_QUEUED_REQUESTS="2",
         PIGGYBACK_RAY_ROUTER_MAX_INFLIGHT=str(ROUTER_MAX_INFLIGHT),  # small, so a test can hold them all
         PIGGYBACK_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),  # small, so a chunked body crosses it quickly
+        PIGGYBACK_RESIDENT_BUDGET_MB=str(RESIDENT_BUDGET_MB),
     )
     for deployment in application["deployments"]:
         if deployment["name"] == "PiggybackReplica":
@@ -268,6 +270,22 @@ def test_a_registration_through_the_proxy_reaches_both_replicas(cluster, resnet1
         time.sleep(0.1)
     assert len(listed) == 2 and all("delta" in names for names in listed.values()), listed
     assert _predict(cluster, "delta", 0).json()["task"] == "delta"
+
+
+def test_serve_routes_to_a_replica_exactly_the_tasks_resident_there(cluster):
+    """Serve's multiplexed set has no count of its own: with room for one task per replica, requests for
+    four tasks make the replicas evict, and every replica's routed tasks stay equal to its resident ones."""
+    for _ in range(3):
+        for task in ("alpha", "gamma", "delta", "epsilon"):
+            assert _predict(cluster, task, 0).status_code == 200
+    replicas = [f"http://{t['targets'][0]}" for t in httpx.get(f"{cluster}/metrics/targets", timeout=30).json()]
+    assert len(replicas) == 2
+    evictions = 0.0
+    for replica in replicas:
+        resident = metric(replica, "piggyback_resident_tasks")
+        assert metric(replica, "piggyback_ray_routed_tasks") == resident <= 1
+        evictions += metric(replica, "piggyback_resident_evictions_total")
+    assert evictions >= 2  # four tasks on two replicas holding one each: the sets did shrink
 
 
 def test_overload_answers_503_with_retry_after_not_an_unbounded_queue(cluster):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 import torch
 
 from mask_store import TaskStore, artifact_bytes
@@ -76,28 +75,6 @@ def test_cold_tasks_load_on_first_use_within_the_resident_budget(tmp_path, backb
         assert httpx.get(f"{base}/readyz").json()["failed_tasks"].keys() == {"poison"}
 
 
-def test_a_task_dropped_from_ray_serves_lru_is_unloaded_once(tmp_path, backbone_file, resnet18):
-    """Serve's multiplexed LRU and the registry's resident set are one: Serve dropping a task unloads it
-    (pinned ones stay), and the garbage collector's later call does not unload it again."""
-    pytest.importorskip("ray")
-    from service.ray_serve import HeldTask
-
-    store = TaskStore(tmp_path / "store")
-    for name in ("a", "pinned"):
-        store.put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task=name, seed=len(name))))
-    engine = Engine(server_settings(backbone_file, tmp_path / "store", pinned_tasks="pinned"), Metrics())
-    registry = TaskRegistry.over_store_of(engine)
-    registry.sync_with_store()
-    assert {t.name for t in registry.tasks()} == {"a", "pinned"}
-    held, kept = HeldTask(registry, "a"), HeldTask(registry, "pinned")
-    held.__del__()  # Serve drops "a" from its LRU
-    kept.__del__()
-    assert {t.name for t in registry.tasks()} == {"pinned"}
-    reloaded = registry.task("a")  # its next request loads it again
-    del held  # the collector finalizes the dropped handle: "a" stays resident
-    assert registry.resident_task("a") is reloaded
-
-
 def test_the_proof_forward_runs_once_at_registration_and_never_on_another_replica(tmp_path, backbone_file, resnet18):
     """A task a server registered is marked proved in the index: another replica checks its identity and
     backbone on load and runs no proof; one stored by `put` (`train --out`) is proved by the replica
@@ -130,33 +107,44 @@ def test_the_proof_forward_runs_once_at_registration_and_never_on_another_replic
     assert proofs[id(loading)] == ["put"]  # and the registering replica proved "put" on its own first load
 
 
-def test_a_task_unloaded_from_the_device_loads_again_from_host_memory(tmp_path, backbone_file, resnet18):
+def test_a_task_evicted_from_the_device_loads_again_from_host_memory(tmp_path, backbone_file, resnet18):
     """The host tier keeps verified artifacts within PIGGYBACK_HOST_BUDGET_MB: a task the device tier
-    dropped comes back without a store read, and least recently used artifacts go beyond the budget."""
+    evicted (PIGGYBACK_RESIDENT_BUDGET_MB) comes back without a store read, and least recently used
+    artifacts go beyond the budget. Every eviction is told to the unload listeners (Ray Serve's routing)."""
     made = [random_task_artifact(resnet18, "resnet18", task=name, seed=i) for i, name in enumerate(NAMES)]
     artifacts = [artifact_bytes(artifact) for artifact in made]
+    reference = TaskRegistry.over_store_of(Engine(server_settings(backbone_file, tmp_path / "reference"), Metrics()))
+    image = torch.rand(1, 3, 16, 16)
+    expected = {}
+    for name, data in zip(NAMES, artifacts, strict=True):
+        task = reference.register(data)
+        expected[name] = reference.engine.forward_task(task, image)
+    one_task_mb = task.nbytes / 2**20
     one_artifact_mb = len(artifacts[0]) * 2.2 / 2**20  # decoded and stored planes, BN and head
-    settings = server_settings(backbone_file, tmp_path / "store", preload="pinned", host_budget_mb=2 * one_artifact_mb)
+    settings = server_settings(
+        backbone_file, tmp_path / "store", preload="pinned",
+        resident_budget_mb=1.5 * one_task_mb, host_budget_mb=2 * one_artifact_mb,
+    )  # fmt: skip
     registry = TaskRegistry.over_store_of(Engine(settings, Metrics()))
+    unloaded: list[str] = []
+    registry.on_unload(unloaded.append)
     for data in artifacts:
         registry.register(data)
+    assert [t.name for t in registry.tasks()] == ["d"] and unloaded == ["a", "b", "c"]  # one fits the device
     reads: list[str] = []
     load = registry.store.load
     registry.store.load = lambda live: reads.append(live.name) or load(live)
-    image = torch.rand(1, 3, 16, 16)
-    expected = {name: registry.engine.forward_task(registry.task(name), image) for name in NAMES}
-    assert reads == []  # all four resident
 
-    for name in NAMES:
-        assert registry.unload(name)
-    for name in ("d", "c", "b", "a"):  # the two registered last are in host memory; the others are read
+    for name in ("d", "c", "b", "a"):  # "d" resident; "c" in host memory; "b" and "a" read from the store
         torch.testing.assert_close(registry.engine.forward_task(registry.task(name), image), expected[name])
     assert reads == ["b", "a"]
-    assert registry.metrics.host_tier_hits._value.get() == 2
+    assert unloaded == ["a", "b", "c", "d", "c", "b"]
+    assert registry.metrics.host_tier_hits._value.get() == 1
     assert registry.metrics.host_tier_tasks._value.get() == 2  # "b" and "a" now, "d" and "c" dropped
 
     registry.unregister("a")
     assert registry.metrics.host_tier_tasks._value.get() == 1
+    assert unloaded[-1] == "a"
 
 
 def test_a_restart_loads_the_most_recently_used_tasks_before_its_first_request(tmp_path, backbone_file, resnet18):
