@@ -1,8 +1,9 @@
-"""The front doors' declarations: each protocol's path prefix, error body key and prediction paths.
+"""What a front door declares (`Protocol`: path prefix, error body key, prediction paths) and the
+questions asked of all of them.
 
-Everything outside a protocol's own router that needs to know about protocols (the ASGI middleware
-answering before the app, the error handlers, the Ray router) reads these, so a third protocol is one
-more declaration here plus its router module.
+Each protocol is declared once, as `PROTOCOL` in its own router module (`service.routes`). Everything
+outside those modules that needs to know about protocols (the ASGI middleware answering before the app,
+the error handlers, the Ray router) asks here, so a third protocol is its router module and nothing else.
 """
 
 from __future__ import annotations
@@ -56,37 +57,29 @@ class Protocol:
         return documented
 
 
-TASKS = Protocol(
-    name="tasks",
-    prefix="/tasks",
-    error_key="detail",
-    prediction=re.compile(r"^/tasks/(?P<task>[^/]+)/predict$"),
-    task_route=re.compile(r"^/tasks/(?P<task>[^/]+)/"),
-)
-OPEN_INFERENCE = Protocol(  # KServe V2
-    name="v2",
-    prefix="/v2",
-    error_key="error",
-    prediction=re.compile(r"^/v2/models/(?P<task>[^/]+)(?:/versions/[^/]+)?/infer$"),
-    task_route=re.compile(r"^/v2/models/(?P<task>[^/]+)/"),
-)
-PROTOCOLS = (TASKS, OPEN_INFERENCE)
 DEFAULT_ERROR_KEY = "detail"  # routes outside any prediction protocol (admin, health) answer like /tasks
+
+
+def declared() -> tuple[Protocol, ...]:
+    """Every front door's declaration (the route modules are imported on the first call)."""
+    from service.routes import front_doors
+
+    return front_doors()
 
 
 def error_key_for(path: str) -> str:
     """The JSON key of an error message on `path`."""
-    return next((p.error_key for p in PROTOCOLS if p.owns(path)), DEFAULT_ERROR_KEY)
+    return next((p.error_key for p in declared() if p.owns(path)), DEFAULT_ERROR_KEY)
 
 
 def is_prediction(method: str, path: str) -> bool:
     """Whether a request runs a prediction, through any front door."""
-    return method == "POST" and any(p.prediction.match(path) for p in PROTOCOLS)
+    return method == "POST" and any(p.prediction.match(path) for p in declared())
 
 
 def task_of(path: str) -> str | None:
     """The task a request is about, if its path names one."""
-    for protocol in PROTOCOLS:
+    for protocol in declared():
         if found := protocol.task_route.match(path):
             return found["task"]
     return None

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import AdminDep, RegistryDep, SettingsDep
 from service.errors import BadRequest, PayloadTooLarge
-from service.protocols import TASKS
+from service.routes.tasks import PROTOCOL as TASKS  # admin errors are worded as the /tasks ones
 from service.schemas import TaskInfo
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=TASKS.errors(401, 403, 503))

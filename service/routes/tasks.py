@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
@@ -12,11 +13,18 @@ from mask_store import LiveTask
 from service.deps import DataPlaneDep, DeadlineDep, RegistryDep
 from service.engine import LoadedTask
 from service.inference import DataPlane, EncodedImages
-from service.protocols import TASKS
+from service.protocols import Protocol
 from service.registry import TaskRegistry
 from service.schemas import FailedTask, Prediction, PredictResponse, RegisteredTask, ScoredLabel, TaskInfo
 
-router = APIRouter(prefix="/tasks", tags=["tasks"], responses=TASKS.errors(503))
+PROTOCOL = Protocol(
+    name="tasks",
+    prefix="/tasks",
+    error_key="detail",
+    prediction=re.compile(r"^/tasks/(?P<task>[^/]+)/predict$"),
+    task_route=re.compile(r"^/tasks/(?P<task>[^/]+)/"),
+)
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=PROTOCOL.errors(503))
 
 
 MAX_PAGE = 1000
@@ -56,7 +64,7 @@ def _listed(
     return RegisteredTask(name=name, version=live.version, identity=live.identity)
 
 
-@router.get("/{name}", response_model=TaskInfo, responses=TASKS.errors(404))
+@router.get("/{name}", response_model=TaskInfo, responses=PROTOCOL.errors(404))
 async def describe_task(name: str, registry: RegistryDep) -> TaskInfo:
     """A resident task as it is served; a cold one from its stored artifact, without loading it here."""
     resident = registry.resident_task(name)
@@ -86,7 +94,7 @@ async def _read_uploads(images: list[UploadFile], plane: DataPlane) -> EncodedIm
     return EncodedImages(blobs)
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, responses=TASKS.errors(400, 404, 408, 413, 415, 504))
+@router.post("/{name}/predict", response_model=PredictResponse, responses=PROTOCOL.errors(400, 404, 408, 413, 415, 504))
 async def predict(
     name: str,
     images: Annotated[list[UploadFile], File(description="one or more image files")],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from service.errors import (
 )
 from service.inference import Answer, DataPlane, EncodedImages, Inputs, PreprocessedImages, serving_task
 from service.middleware.answers import RefusedMidBody
-from service.protocols import OPEN_INFERENCE
+from service.protocols import Protocol
 from service.registry import TaskRegistry
 from service.v2_wire import (
     HEADER_LENGTH,
@@ -93,11 +94,18 @@ class V2Route(APIRoute):
         return handle
 
 
+PROTOCOL = Protocol(  # KServe V2
+    name="v2",
+    prefix="/v2",
+    error_key="error",
+    prediction=re.compile(r"^/v2/models/(?P<task>[^/]+)(?:/versions/[^/]+)?/infer$"),
+    task_route=re.compile(r"^/v2/models/(?P<task>[^/]+)/"),
+)
 router = APIRouter(
     prefix="/v2",
     tags=["Open Inference Protocol (KServe V2)"],
     route_class=V2Route,
-    responses=OPEN_INFERENCE.errors(400),
+    responses=PROTOCOL.errors(400),
 )
 
 
@@ -115,7 +123,7 @@ def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", responses=OPEN_INFERENCE.errors(503))
+@router.get("/health/ready", responses=PROTOCOL.errors(503))
 def ready(registry: RegistryDep) -> dict:
     return {"ready": True}
 
@@ -134,22 +142,22 @@ def _metadata(task: LoadedTask) -> dict:
     }
 
 
-@router.get("/models/{name}", responses=OPEN_INFERENCE.errors(404, 503))
+@router.get("/models/{name}", responses=PROTOCOL.errors(404, 503))
 async def model_metadata(name: str, registry: RegistryDep) -> dict:
     return _metadata(await _model(registry, name, None))
 
 
-@router.get("/models/{name}/versions/{version}", responses=OPEN_INFERENCE.errors(404, 503))
+@router.get("/models/{name}/versions/{version}", responses=PROTOCOL.errors(404, 503))
 async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> dict:
     return _metadata(await _model(registry, name, version))
 
 
-@router.get("/models/{name}/ready", responses=OPEN_INFERENCE.errors(404, 503))
+@router.get("/models/{name}/ready", responses=PROTOCOL.errors(404, 503))
 async def model_ready(name: str, registry: RegistryDep) -> dict:
     return {"name": (await _model(registry, name, None)).manifest.task, "ready": True}
 
 
-@router.get("/models/{name}/versions/{version}/ready", responses=OPEN_INFERENCE.errors(404, 503))
+@router.get("/models/{name}/versions/{version}/ready", responses=PROTOCOL.errors(404, 503))
 async def model_version_ready(name: str, version: str, registry: RegistryDep) -> dict:
     return {"name": (await _model(registry, name, version)).manifest.task, "ready": True}
 
@@ -240,7 +248,7 @@ async def _infer(name: str, version: str | None, request: Request, plane: DataPl
     return Response(body, headers=headers)
 
 
-INFER_ERRORS = OPEN_INFERENCE.errors(404, 408, 413, 415, 503, 504)
+INFER_ERRORS = PROTOCOL.errors(404, 408, 413, 415, 503, 504)
 
 
 # The body is read raw (JSON, or JSON + binary tensors); this documents it in /docs.

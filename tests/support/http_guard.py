@@ -13,6 +13,8 @@ import json
 
 import httpx
 
+from service.protocols import error_key_for
+
 SERVICE_URLS: set[str] = set()
 # The contract's only legitimate 5xx: overload or draining (503), deadline passed (504), storage full (507).
 ALLOWED_5XX = frozenset({503, 504, 507})
@@ -42,7 +44,7 @@ def contract_violation(response: httpx.Response, allow_server_errors: bool = Fal
     except ValueError:
         return f"{where}: body is not valid JSON ({response.content[:300]!r})"
     if status >= 400:
-        key = "error" if path.startswith("/v2/") else "detail"  # the V2 protocol's own error shape
+        key = error_key_for(path)  # each protocol's own error shape, as its route module declares it
         if not isinstance(body, dict) or not isinstance(body.get(key), str) or not body[key]:
             return f"{where}: error body lacks a {key!r} message ({body!r})"
     return None

@@ -57,6 +57,30 @@ def wait_ready(base_url: str, timeout: float = 120.0, process=None) -> None:
 
 
 @contextlib.contextmanager
+def serve_in_process(settings: Settings, app: FastAPI | None = None, timeout: float = 120.0):
+    """The app with its lifespan, in this process and without a socket; yields a `TestClient` (an
+    `httpx.Client` on http://testserver) once /readyz answers 200, checked by the HTTP contract guard.
+
+    For routes and protocol contracts. What needs a real connection (slow or cut bodies, disconnects,
+    signals, another process) uses `serve_in_thread` or a process.
+    """
+    from fastapi.testclient import TestClient
+
+    with TestClient(app or create_app(settings)) as client:
+        base = str(client.base_url).rstrip("/")
+        SERVICE_URLS.add(base)
+        try:
+            deadline = time.monotonic() + timeout
+            while client.get("/readyz").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the app was not ready after {timeout}s")
+                time.sleep(0.05)
+            yield client
+        finally:
+            SERVICE_URLS.discard(base)
+
+
+@contextlib.contextmanager
 def serve_in_thread(settings: Settings, app: FastAPI | None = None):
     """A real uvicorn server on a free loopback port, in this process; yields its base URL.
 
