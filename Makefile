@@ -46,11 +46,11 @@ test: $(VENV)/.installed system-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
 	$(PY) -m pytest -q -m serial
 
-# the inner loop: everything but the tests marked slow (real training, started processes, Ray clusters, large models)
+# the inner loop: everything but the tests marked slow (real training, started processes, Ray clusters, large
+# models); every serial test is slow, so one parallel run
 test-fast: $(VENV)/.installed system-deps
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not serial"
-	$(PY) -m pytest -q -m "serial and not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

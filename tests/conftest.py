@@ -107,3 +107,11 @@ def store_location(request, tmp_path) -> tuple[str, str]:
         return "local", str(tmp_path / "store")
     server = request.getfixturevalue("s3_env")
     return "s3", f"s3://{server.bucket}/{uuid.uuid4().hex}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test-fast` is one parallel run of the tests not marked slow: a serial test must be slow too."""
+    marked = [(item.nodeid, {mark.name for mark in item.iter_markers()}) for item in items]
+    fast_serial = [nodeid for nodeid, names in marked if "serial" in names and "slow" not in names]
+    if fast_serial:
+        raise pytest.UsageError(f"serial tests must also be marked slow: {fast_serial}")

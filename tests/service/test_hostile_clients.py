@@ -8,25 +8,21 @@ with a bounded amount of work, keep serving everyone else, and still drain in bo
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from mask_store import Preprocess, TaskStore, artifact_bytes
-from service.settings import Settings
 from tests.support.builders import random_task_artifact
 from tests.support.servers import png_bytes, rss_mb, start_service, stop_process
 
-pytestmark = pytest.mark.serial  # timing-, memory- or machine-sensitive: runs alone (Makefile `test`)
+# timing-, memory- or machine-sensitive: runs alone (Makefile `test`); every test starts a server process
+pytestmark = [pytest.mark.serial, pytest.mark.slow]
 
 PX32 = Preprocess(size=32, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
 BODY_TIMEOUT_S = 4
@@ -123,7 +119,7 @@ class HealthProbe:
         self._thread.join(timeout=60)
 
 
-@pytest.mark.slow  # a real server process and 100 sockets held open for the body bound: about 15 s
+# a real server process and 100 sockets held open for the body bound: about 15 s
 def test_100_trickling_uploads_against_a_cap_of_64_starve_no_normal_client(server):
     process, port = server
     tricklers = [Trickler(port) for _ in range(100)]
@@ -197,7 +193,7 @@ def test_a_non_ascii_digit_in_the_binary_header_length_is_a_400(server):
     assert "Inference-Header-Content-Length" in response.json()["error"]
 
 
-@pytest.mark.slow  # its own server process with a cap of 2: about 10 s
+# its own server process with a cap of 2: about 10 s
 def test_two_slow_uploads_neither_hold_the_only_two_slots_nor_outlive_their_deadline(store, backbone_file):
     process, port = start_service(
         store, backbone_file, max_concurrent_predictions="2", request_timeout_s="3", body_timeout_s="30"
@@ -217,7 +213,7 @@ def test_two_slow_uploads_neither_hold_the_only_two_slots_nor_outlive_their_dead
         stop_process(process, grace_s=30)
 
 
-@pytest.mark.slow  # its own server process: about 10 s
+# its own server process: about 10 s
 def test_sigterm_with_a_trickling_client_exits_0_within_the_drain_time(store, backbone_file):
     drain_s = 3
     process, port = start_service(store, backbone_file, drain_s=str(drain_s), body_timeout_s="60")
@@ -238,16 +234,3 @@ def test_sigterm_with_a_trickling_client_exits_0_within_the_drain_time(store, ba
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
-def test_a_store_poll_interval_that_would_kill_the_watcher_is_refused(value):
-    with pytest.raises(ValidationError, match="store_poll_s"):
-        Settings(store_poll_s=value)
-
-
-def test_the_server_refuses_to_start_with_an_infinite_store_poll_interval():
-    env = {**os.environ, "PIGGYBACK_STORE_POLL_S": "inf"}
-    done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert "store_poll_s" in done.stderr and "Traceback" not in done.stderr
