@@ -26,6 +26,7 @@ class HostTier:
         self._budget = budget_bytes
         self._metrics = metrics
         self._artifacts: OrderedDict[str, tuple[TaskArtifact, int]] = OrderedDict()  # by store key, LRU first
+        self._key_of: dict[str, str] = {}  # task name -> the store key kept (one version per task)
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -49,9 +50,12 @@ class HostTier:
             self._drop(live.name)
             self._artifacts[live.key] = (artifact, size)
             self._bytes += size
+            self._key_of[live.name] = live.key
             while self._bytes > self._budget:
-                _, (_, dropped) = self._artifacts.popitem(last=False)
-                self._bytes -= dropped
+                key, (dropped, size) = self._artifacts.popitem(last=False)
+                self._bytes -= size
+                if self._key_of.get(dropped.manifest.task) == key:
+                    del self._key_of[dropped.manifest.task]
                 self._metrics.host_tier_evictions.inc()
             self._count()
 
@@ -62,7 +66,8 @@ class HostTier:
             self._count()
 
     def _drop(self, name: str) -> None:
-        for key in [k for k, (artifact, _) in self._artifacts.items() if artifact.manifest.task == name]:
+        key = self._key_of.pop(name, None)
+        if key is not None:
             self._bytes -= self._artifacts.pop(key)[1]
 
     def _count(self) -> None:
