@@ -117,17 +117,17 @@ def make_artifact(
     missing = set(layout.names) - set(masks)
     if missing:
         raise ValueError(f"masks missing for layers: {sorted(missing)[:5]}")
-    flat = torch.cat([masks[name].detach().reshape(-1).to(torch.float32).cpu() for name in layout.names])
-    planes = [packing.pack_bits((flat != 0).numpy())]
+    flat = [masks[name].detach().reshape(-1).cpu() for name in layout.names]
+    planes = [packing.pack_bits(torch.cat([values != 0 for values in flat]).numpy())]
     if kind == "ternary":
-        planes.append(packing.pack_bits((flat < 0).numpy()))
+        planes.append(packing.pack_bits(torch.cat([values < 0 for values in flat]).numpy()))
     layers = [
         LayerEntry(
             name=name,
             shape=shape,
             bit_offset=offset,
             numel=numel,
-            density=float((masks[name] != 0).float().mean()),
+            density=torch.count_nonzero(masks[name]).item() / max(masks[name].numel(), 1),
         )
         for name, shape, offset, numel in zip(layout.names, layout.shapes, layout.offsets, layout.numels, strict=True)
     ]
