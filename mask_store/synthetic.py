@@ -3,6 +3,8 @@ correctness do not depend on the masks having been learned."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -68,3 +70,9 @@ def random_task_artifact(
         task_tensors=tensors,
         preprocess=preprocess,
     )
+
+
+def renamed(artifact: TaskArtifact, task: str) -> TaskArtifact:
+    """The same masks and tensors as another task: the manifest binds the name, so it has its own
+    identity (and cache entry). Many distinct tasks for the price of one random artifact."""
+    return dataclasses.replace(artifact, manifest=artifact.manifest.model_copy(update={"task": task}))

@@ -20,7 +20,6 @@ the artifact is the same random one for every task). Then a real
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import random
@@ -40,7 +39,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mask_store import BackboneLayout, Preprocess, TaskStore, artifact_bytes, artifact_identity  # noqa: E402
 from mask_store.store import INDEX_KEY, StoredVersion, StoreIndex  # noqa: E402
-from mask_store.synthetic import random_task_artifact  # noqa: E402
+from mask_store.synthetic import random_task_artifact, renamed  # noqa: E402
 
 PX32 = Preprocess(size=32, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
 TOKEN = "bench-admin-token-0123456789"
@@ -65,16 +64,13 @@ def build_store(root: Path, count: int, model: torch.nn.Module) -> tuple[Path, b
     store = TaskStore(root)
     tasks = {}
     for i in range(count):
-        artifact = dataclasses.replace(base, manifest=base.manifest.model_copy(update={"task": f"t{i:05d}"}))
+        artifact = renamed(base, f"t{i:05d}")
         identity = artifact_identity(artifact.manifest)
         key = f"t{i:05d}/00000001-{identity[:16]}.safetensors"
         store.objects.put(key, artifact_bytes(artifact))
         tasks[f"t{i:05d}"] = {1: StoredVersion(key=key, identity=identity, proven=True)}
     store.objects.put_if(INDEX_KEY, StoreIndex(generation=1, tasks=tasks).model_dump_json().encode(), None)
-    spares = [
-        artifact_bytes(dataclasses.replace(base, manifest=base.manifest.model_copy(update={"task": f"new{i}"})))
-        for i in range(5)
-    ]
+    spares = [artifact_bytes(renamed(base, f"new{i}")) for i in range(5)]
     return root, spares
 
 
