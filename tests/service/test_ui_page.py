@@ -3,7 +3,9 @@ paging and search, classifies real photos with `imagenet` as torchvision does, s
 /metrics into per-task rates and quantiles, and is usable by keyboard with every control named.
 
 Needs the `playwright` package and a Chromium (Debian's `chromium`; elsewhere set PIGGYBACK_CHROMIUM to any
-Chromium binary). Writes docs/ui.png, a full-page screenshot after a classification.
+Chromium binary). Takes a full-page screenshot after a classification: docs/ui.png when
+PIGGYBACK_UPDATE_SCREENSHOT=1 (the README shows it), else in the test's temporary folder, so a test run
+never changes the checkout.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def single_observation_quantiles(base: str, task: str) -> tuple[float, float]:
     return lower + 0.5 * (upper - lower), lower + 0.99 * (upper - lower)
 
 
-def test_try_it_page_in_a_browser(server, browser):
+def test_try_it_page_in_a_browser(server, browser, tmp_path):
     listed = {task["name"]: task for task in httpx.get(f"{server}/tasks", params={"limit": 100}).json()}
     described = {name: httpx.get(f"{server}/tasks/{name}").json() for name in ("imagenet", "digits", "mnist")}
     categories = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
@@ -241,7 +243,8 @@ def test_try_it_page_in_a_browser(server, browser):
     # to the page's display precision: 0.1 ms below 10 ms, 1 ms below 1 s, then 10 ms
     assert as_seconds(p50) == pytest.approx(want_p50, rel=0.005, abs=0.0006)
     assert as_seconds(p99) == pytest.approx(want_p99, rel=0.005, abs=0.0006)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    screenshot = SCREENSHOT if os.environ.get("PIGGYBACK_UPDATE_SCREENSHOT") == "1" else tmp_path / "ui.png"
+    page.screenshot(path=str(screenshot), full_page=True)
 
     # the API's own words for a file that is not an image
     page.get_by_role("button", name="Clear images").click()
