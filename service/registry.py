@@ -185,8 +185,8 @@ class TaskRegistry:
     # --- residency -----------------------------------------------------------------------------
     def on_unload(self, listener: Callable[[str], None]) -> None:
         """Call `listener(name)` (in whichever thread unloads) each time a task stops being resident:
-        evicted beyond the budget, unloaded, or unregistered. Ray Serve's task routing follows the
-        resident set through it."""
+        evicted beyond the budget, or unregistered (here or in the store). Ray Serve's task routing
+        follows the resident set through it."""
         self._unload_listeners.append(listener)
 
     def _retire(self, task: LoadedTask, unloaded: bool) -> None:
