@@ -6,7 +6,6 @@ import io
 import zlib
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +13,7 @@ from PIL import Image
 from mask_store import TaskStore, artifact_bytes, build_backbone
 from tests.support.builders import ADMIN_TOKEN, random_task_artifact, server_settings
 from tests.support.reference_model import dedicated_network, expected_probabilities
-from tests.support.servers import jpeg_bytes, png_bytes, serve_in_thread
+from tests.support.servers import jpeg_bytes, png_bytes, serve_in_process
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -44,19 +43,19 @@ def server(tmp_path_factory, backbone_file, artifacts):
         max_image_pixels=4_000_000,
         max_request_bytes=1_000_000,
     )
-    with serve_in_thread(settings) as base:
-        yield base, store
+    with serve_in_process(settings) as http:  # the routes' contract: in process, with the app's lifespan
+        yield http, store
 
 
-def post_images(base, task, files, **params):
-    return httpx.post(f"{base}/tasks/{task}/predict", files=[("images", f) for f in files], params=params, timeout=60)
+def post_images(http, task, files, **params):
+    return http.post(f"/tasks/{task}/predict", files=[("images", f) for f in files], params=params)
 
 
 def test_predict_matches_dedicated_networks(server, artifacts, resnet18):
-    base, _ = server
+    http, _ = server
     images = [png_bytes(seed) for seed in range(3)]
     for name, artifact in artifacts.items():
-        response = post_images(base, name, [(f"{i}.png", data, "image/png") for i, data in enumerate(images)], top_k=2)
+        response = post_images(http, name, [(f"{i}.png", data, "image/png") for i, data in enumerate(images)], top_k=2)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["task"] == name and body["version"] == 1 and len(body["predictions"]) == 3
@@ -72,17 +71,17 @@ def test_predict_matches_dedicated_networks(server, artifacts, resnet18):
 
 
 def test_task_metadata(server, artifacts):
-    base, _ = server
-    listed = httpx.get(f"{base}/tasks").json()
+    http, _ = server
+    listed = http.get("/tasks").json()
     assert [t["name"] for t in listed] == ["alpha", "beta"]
-    alpha = httpx.get(f"{base}/tasks/alpha").json()
+    alpha = http.get("/tasks/alpha").json()
     manifest = artifacts["alpha"].manifest
     assert alpha["version"] == 1 and alpha["labels"] == ["a0", "a1", "a2"]
     assert alpha["backbone"]["fingerprint"] == manifest.backbone.fingerprint
     assert alpha["bits_per_parameter"] == pytest.approx(manifest.bits_per_param) and alpha["bits_per_parameter"] <= 1
     assert 0.6 < alpha["mask_density"] < 0.8
-    assert httpx.get(f"{base}/tasks/beta").json()["mask_kind"] == "ternary"
-    assert httpx.get(f"{base}/openapi.json").status_code == 200 and httpx.get(f"{base}/docs").status_code == 200
+    assert http.get("/tasks/beta").json()["mask_kind"] == "ternary"
+    assert http.get("/openapi.json").status_code == 200 and http.get("/docs").status_code == 200
 
 
 def _bomb_png() -> bytes:
@@ -122,37 +121,37 @@ BAD_UPLOADS = {
 
 @pytest.mark.parametrize("case", BAD_UPLOADS, ids=list(BAD_UPLOADS))
 def test_bad_upload_gets_4xx_with_detail_and_server_stays_healthy(server, case):
-    base, _ = server
+    http, _ = server
     files, status, fragment = BAD_UPLOADS[case]
-    response = post_images(base, "alpha", files)
+    response = post_images(http, "alpha", files)
     assert response.status_code == status, response.text
     assert fragment in response.json()["detail"]
-    assert httpx.get(f"{base}/healthz").status_code == 200
-    assert post_images(base, "alpha", [("ok.png", png_bytes(), "image/png")]).status_code == 200
+    assert http.get("/healthz").status_code == 200
+    assert post_images(http, "alpha", [("ok.png", png_bytes(), "image/png")]).status_code == 200
 
 
 def test_missing_images_field_is_a_clear_4xx(server):
-    base, _ = server
-    response = httpx.post(f"{base}/tasks/alpha/predict", files={"other": ("a.png", png_bytes())})
+    http, _ = server
+    response = http.post("/tasks/alpha/predict", files={"other": ("a.png", png_bytes())})
     assert response.status_code == 422 and "images" in response.json()["detail"]
 
 
 def test_unknown_task_is_404_and_creates_no_metric_series(server):
-    base, _ = server
-    response = post_images(base, "no-such-task-xyz", [("a.png", png_bytes(), "image/png")])
+    http, _ = server
+    response = post_images(http, "no-such-task-xyz", [("a.png", png_bytes(), "image/png")])
     assert response.status_code == 404 and "no-such-task-xyz" in response.json()["detail"]
-    assert httpx.get(f"{base}/tasks/no-such-task-xyz").status_code == 404
-    assert "no-such-task-xyz" not in httpx.get(f"{base}/metrics").text
+    assert http.get("/tasks/no-such-task-xyz").status_code == 404
+    assert "no-such-task-xyz" not in http.get("/metrics").text
 
 
 def test_admin_requires_the_token(server):
-    base, _ = server
+    http, _ = server
     files = {"artifact": ("a.safetensors", b"whatever")}
-    assert httpx.post(f"{base}/admin/tasks", files=files).status_code == 401
-    wrong = httpx.post(f"{base}/admin/tasks", files=files, headers={"Authorization": "Bearer nope"})
+    assert http.post("/admin/tasks", files=files).status_code == 401
+    wrong = http.post("/admin/tasks", files=files, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 403 and wrong.json()["detail"]
-    assert httpx.delete(f"{base}/admin/tasks/alpha").status_code == 401
-    assert httpx.get(f"{base}/tasks/alpha").status_code == 200
+    assert http.delete("/admin/tasks/alpha").status_code == 401
+    assert http.get("/tasks/alpha").status_code == 200
 
 
 def _tampered(data: bytes) -> bytes:
@@ -162,7 +161,7 @@ def _tampered(data: bytes) -> bytes:
 
 
 def test_bad_artifacts_are_422_and_store_is_byte_identical(server, resnet18):
-    base, store = server
+    http, store = server
     before = snapshot(store)
     good = artifact_bytes(random_task_artifact(resnet18, "resnet18", task="gamma", seed=3))
     other_backbone = artifact_bytes(random_task_artifact(build_backbone("resnet18"), "resnet18", task="gamma"))
@@ -172,40 +171,40 @@ def test_bad_artifacts_are_422_and_store_is_byte_identical(server, resnet18):
         "tampered": _tampered(good),
         "wrong-backbone": other_backbone,
     }.items():
-        response = httpx.post(f"{base}/admin/tasks", files={"artifact": ("g.safetensors", data)}, headers=AUTH)
+        response = http.post("/admin/tasks", files={"artifact": ("g.safetensors", data)}, headers=AUTH)
         assert response.status_code == 422, (label, response.text)
         assert response.json()["detail"], label
         assert snapshot(store) == before, label
-    assert httpx.get(f"{base}/tasks/gamma").status_code == 404
-    empty = httpx.post(f"{base}/admin/tasks", files={"artifact": ("g", b"")}, headers=AUTH)
+    assert http.get("/tasks/gamma").status_code == 404
+    empty = http.post("/admin/tasks", files={"artifact": ("g", b"")}, headers=AUTH)
     assert empty.status_code == 400
 
 
 def test_register_new_version_then_unregister(server, resnet18):
-    base, store = server
+    http, store = server
     v1 = random_task_artifact(resnet18, "resnet18", task="delta", labels=("x", "y"), seed=4)
     v2 = random_task_artifact(resnet18, "resnet18", task="delta", labels=("x", "y", "z"), seed=5, version=2)
     for artifact in (v1, v2):
-        response = httpx.post(f"{base}/admin/tasks", files={"artifact": ("d", artifact_bytes(artifact))}, headers=AUTH)
+        response = http.post("/admin/tasks", files={"artifact": ("d", artifact_bytes(artifact))}, headers=AUTH)
         assert response.status_code == 201, response.text
         assert response.json()["version"] == artifact.manifest.version
-    again = httpx.post(f"{base}/admin/tasks", files={"artifact": ("d", artifact_bytes(v2))}, headers=AUTH)
+    again = http.post("/admin/tasks", files={"artifact": ("d", artifact_bytes(v2))}, headers=AUTH)
     assert again.status_code == 201  # the very artifact that is live: a retry, nothing written
-    stale = httpx.post(f"{base}/admin/tasks", files={"artifact": ("d", artifact_bytes(v1))}, headers=AUTH)
+    stale = http.post("/admin/tasks", files={"artifact": ("d", artifact_bytes(v1))}, headers=AUTH)
     assert stale.status_code == 409 and "not higher than its live version 2" in stale.json()["detail"]
-    answer = post_images(base, "delta", [("a.png", png_bytes(), "image/png")]).json()
+    answer = post_images(http, "delta", [("a.png", png_bytes(), "image/png")]).json()
     assert answer["version"] == 2 and len(answer["predictions"][0]["top_k"]) == 3
     assert TaskStore(store).versions("delta") == [1, 2]
-    assert httpx.delete(f"{base}/admin/tasks/delta", headers=AUTH).status_code == 204
-    assert post_images(base, "delta", [("a.png", png_bytes(), "image/png")]).status_code == 404
-    assert httpx.delete(f"{base}/admin/tasks/delta", headers=AUTH).status_code == 404
+    assert http.delete("/admin/tasks/delta", headers=AUTH).status_code == 204
+    assert post_images(http, "delta", [("a.png", png_bytes(), "image/png")]).status_code == 404
+    assert http.delete("/admin/tasks/delta", headers=AUTH).status_code == 404
     assert "delta" not in TaskStore(store).names()
 
 
 def test_admin_disabled_without_token(tmp_path, backbone_file):
     settings = server_settings(backbone_file, tmp_path, admin_token=None)
-    with serve_in_thread(settings) as base:
-        response = httpx.post(f"{base}/admin/tasks", files={"artifact": ("a", b"x")}, headers=AUTH)
+    with serve_in_process(settings) as http:
+        response = http.post("/admin/tasks", files={"artifact": ("a", b"x")}, headers=AUTH)
         assert response.status_code == 403 and "PIGGYBACK_ADMIN_TOKEN" in response.json()["detail"]
 
 

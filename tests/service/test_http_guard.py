@@ -5,7 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support.http_guard import contract_violation
+from tests.support.builders import server_settings
+from tests.support.http_guard import contract_violation, is_service_url
+from tests.support.servers import serve_in_process
+
+UNGUARDED_SEND = httpx.Client.send  # at import, before the autouse fixture wraps it
 
 
 def answer(status: int, path: str, body: bytes = b"", content_type: str | None = "application/json") -> httpx.Response:
@@ -47,3 +51,12 @@ def test_guard_flags_broken_answers(name):
 def test_allowed_500_must_still_be_json():
     assert contract_violation(BROKEN["json-500"], allow_server_errors=True) is None
     assert contract_violation(BROKEN["plain-500"], allow_server_errors=True)
+
+
+def test_an_app_served_in_process_is_under_the_guard(tmp_path, backbone_file):
+    """Route tests on the in-process transport are checked like those on a socket: the client's sends go
+    through the guard's wrapper (the test client does not override `send`) and its base URL is watched."""
+    with serve_in_process(server_settings(backbone_file, tmp_path / "store")) as client:
+        assert is_service_url(client.base_url.join("/tasks"))
+        assert type(client).send is httpx.Client.send is not UNGUARDED_SEND  # the autouse fixture's wrapper
+    assert not is_service_url(httpx.URL("http://testserver/tasks"))
