@@ -18,7 +18,7 @@ from PIL import Image
 from mask_store import TaskStore, artifact_bytes
 from mask_store.manifest import Preprocess
 from tests.support.builders import random_task_artifact, server_settings
-from tests.support.servers import serve_in_thread
+from tests.support.servers import serve_in_process
 
 SMALL_RGB = Preprocess(size=16, grayscale=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 LABELS = ("a", "b", "c", "d", "e")
@@ -32,8 +32,8 @@ def server(tmp_path_factory, backbone_file, resnet18):
         extra = {"preprocess": preprocess} if preprocess else {}
         TaskStore(store).put(artifact_bytes(random_task_artifact(resnet18, "resnet18", task=task, labels=LABELS,
                                                                  seed=seed, **extra)))  # fmt: skip
-    with serve_in_thread(server_settings(backbone_file, store)) as base:
-        yield base
+    with serve_in_process(server_settings(backbone_file, store)) as http:  # the decode contract: no socket needed
+        yield http
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -42,11 +42,9 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def probabilities(base: str, task: str, data: bytes, filename: str) -> torch.Tensor:
+def probabilities(http: httpx.Client, task: str, data: bytes, filename: str) -> torch.Tensor:
     """The server's full probability vector (indexed by label) for one upload."""
-    response = httpx.post(
-        f"{base}/tasks/{task}/predict", files=[("images", (filename, data))], params={"top_k": len(LABELS)}, timeout=60
-    )
+    response = http.post(f"/tasks/{task}/predict", files=[("images", (filename, data))], params={"top_k": len(LABELS)})
     assert response.status_code == 200, response.text
     scores = torch.zeros(len(LABELS), dtype=torch.float64)
     for item in response.json()["predictions"][0]["top_k"]:
@@ -109,7 +107,7 @@ def test_lab_tiff_is_served_or_refused_never_a_500(server, task):
     lab = np.stack([rng.integers(0, 256, (16, 16)), rng.integers(96, 160, (16, 16)), rng.integers(96, 160, (16, 16))])
     data = encode(Image.fromarray(np.moveaxis(lab, 0, -1).astype(np.uint8), mode="LAB"), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "LAB"
-    response = httpx.post(f"{server}/tasks/{task}/predict", files=[("images", ("lab.tiff", data))], timeout=60)
+    response = server.post(f"/tasks/{task}/predict", files=[("images", ("lab.tiff", data))])
     assert response.status_code in (200, 415), response.text
     assert response.headers["content-type"].startswith("application/json")
     if response.status_code == 415:
