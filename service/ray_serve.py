@@ -210,8 +210,7 @@ class ResidentRouting:
             registry.on_unload(self._unloaded.append)
             self._listening = registry
         self.forget_unloaded()
-        await self._hold(task)
-        self.forget_unloaded()
+        await self._hold(task)  # what its load evicted is dropped by the caller's next `forget_unloaded`
 
     async def hold_resident(self, registry: TaskRegistry) -> None:
         """Once ready: the tasks preloaded at start-up (pinned, recently used) are routed here too."""

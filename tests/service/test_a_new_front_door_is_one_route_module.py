@@ -14,7 +14,6 @@ import pytest
 
 import service.routes
 from mask_store import TaskStore, artifact_bytes
-from service.app import create_app
 from service.protocols import error_key_for, is_prediction, task_of
 from tests.support.builders import random_task_artifact, server_settings
 from tests.support.servers import png_bytes, serve_in_process
@@ -74,7 +73,7 @@ def test_a_third_protocol_is_one_route_module(third_door, tmp_path, backbone_fil
     TaskStore(tmp_path / "store").put(artifact_bytes(artifact))
     settings = server_settings(backbone_file, tmp_path / "store", max_images_per_request=2)
     images = [png_bytes(seed) for seed in range(2)]
-    with serve_in_process(settings, create_app(settings)) as client:  # the app as shipped, no socket
+    with serve_in_process(settings) as client:  # the app as shipped, built after echo.py was put in place
         body = {"images": [base64.b64encode(image).decode() for image in images]}
         answer = client.post("/echo/alpha/classify", json=body)
         assert answer.status_code == 200, answer.text
