@@ -216,13 +216,17 @@ def check_before_start(settings: Settings) -> None:
 
     A store that does not answer (unreachable, a missing bucket, refused credentials) is not one of these:
     start-up retries it with backoff and `/readyz` says why (`service.app`). Weights that exist but cannot
-    be loaded are found when the backbone loads (`backbone_load_problem`)."""
+    be loaded are found when the backbone loads (`backbone_load_problem`).
+
+    The checks that need no torch come first: such a refusal answers in a fraction of a second, not in
+    the seconds that importing torch and torchvision takes."""
     _check_host(settings)
+    _check_store(settings)
+    _check_weights_file(settings)
     device = _check_device(settings)
     _check_kernel(settings, device)
     _check_backbone(settings)
-    _check_weights(settings)
-    _check_store(settings)
+    _check_weights_name(settings)
 
 
 def backbone_load_problem(settings: Settings, exc: BaseException) -> str:
@@ -283,9 +287,10 @@ def _check_backbone(settings: Settings) -> None:
         raise ConfigurationError(f"{env_name('backbone')}={settings.backbone}: {exc}") from None
 
 
-def _check_weights(settings: Settings) -> None:
-    """The same three readings as `mask_store.build_backbone`: a file that exists, else an upper-case
-    torchvision weights name, else a file that is missing."""
+def _check_weights_file(settings: Settings) -> None:
+    """The same readings as `mask_store.build_backbone`: a file that exists (it must be readable), else an
+    upper-case torchvision weights name (`_check_weights_name`, once the backbone is known), else a file
+    that is missing."""
     name = env_name("weights")
     weights = settings.weights
     if weights is None:
@@ -299,22 +304,30 @@ def _check_weights(settings: Settings) -> None:
             raise ConfigurationError(f"{name}={weights} cannot be read ({exc.strerror or exc})") from None
         return
     if weights.isupper():
-        import torchvision
-
-        try:
-            torchvision.models.get_model_weights(settings.backbone).verify(weights)
-        except (KeyError, ValueError):
-            known = ", ".join(w.name for w in torchvision.models.get_model_weights(settings.backbone))
-            raise ConfigurationError(
-                f"{name}={weights} is not a torchvision weights name of {settings.backbone} (known: {known}) "
-                "and no such file exists"
-            ) from None
         return
     hint = "; `make demo` writes it" if weights == DEMO_WEIGHTS else ""
     raise ConfigurationError(
         f"{name}={weights}: no such file{hint}; set {name} to a state_dict file, or a torchvision weights "
         "name such as IMAGENET1K_V1 (downloads: needs internet)"
     )
+
+
+def _check_weights_name(settings: Settings) -> None:
+    """An upper-case PIGGYBACK_WEIGHTS that is no file must be one of the backbone's torchvision names."""
+    name = env_name("weights")
+    weights = settings.weights
+    if weights is None or not weights.isupper() or Path(weights).exists():
+        return
+    import torchvision
+
+    try:
+        torchvision.models.get_model_weights(settings.backbone).verify(weights)
+    except (KeyError, ValueError):
+        known = ", ".join(w.name for w in torchvision.models.get_model_weights(settings.backbone))
+        raise ConfigurationError(
+            f"{name}={weights} is not a torchvision weights name of {settings.backbone} (known: {known}) "
+            "and no such file exists"
+        ) from None
 
 
 def _check_store(settings: Settings) -> None:

@@ -41,6 +41,7 @@ def test_plan_names_every_step_with_a_cuda_command_and_a_cpu_form_within_the_bud
     assert "-m gpu" in blocks[0]
 
 
+@pytest.mark.slow  # the script in a child process
 def test_without_cuda_and_without_dry_run_it_exits_2_in_one_line():
     result = gpu_check(timeout=120, CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 2

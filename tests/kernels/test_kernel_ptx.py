@@ -34,6 +34,8 @@ import torch
 from service.kernels.reference import BITS_VIEW
 from service.kernels.triton_mask import BLOCK_BYTES
 
+pytestmark = pytest.mark.slow  # every kernel compiled in a child process: seconds
+
 ARCHS = (80, 90)
 EXPECTED_PTX_TARGET = {80: "sm_80", 90: "sm_90a"}  # Triton compiles sm_90 as sm_90a
 TRITON_TYPE = {torch.int32: "i32", torch.int16: "i16"}

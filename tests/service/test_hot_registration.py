@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import torch
 from PIL import Image
 
@@ -19,6 +20,7 @@ from tests.support.servers import png_bytes, serve_in_thread
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+@pytest.mark.slow  # seconds of load
 def test_hot_swaps_under_load_lose_nothing_and_never_mix_tasks(tmp_path, backbone_file, resnet18):
     versions = {
         ("alpha", 1): random_task_artifact(resnet18, "resnet18", task="alpha", labels=("a", "b", "c"), seed=11),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import torch
 
 from mask_store import TaskStore, artifact_bytes
@@ -36,6 +37,7 @@ def same_answer(got: dict, expected: dict) -> bool:
     )
 
 
+@pytest.mark.slow  # two servers, eager then lazy
 def test_cold_tasks_load_on_first_use_within_the_resident_budget(tmp_path, backbone_file, resnet18):
     store = TaskStore(tmp_path / "store")
     for seed, name in enumerate(NAMES):
@@ -147,6 +149,7 @@ def test_a_task_evicted_from_the_device_loads_again_from_host_memory(tmp_path, b
     assert unloaded[-1] == "a"
 
 
+@pytest.mark.slow  # three server lifetimes
 def test_a_restart_loads_the_most_recently_used_tasks_before_its_first_request(tmp_path, backbone_file, resnet18):
     """A server records its most recently used tasks in the store (every minute, and when it stops);
     the next start-up loads them with the pinned ones, within PIGGYBACK_PRELOAD_RECENT and the budget."""

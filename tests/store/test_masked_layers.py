@@ -15,9 +15,12 @@ ARCHS = {
     "densenet121": "classifier",
     "mobilenet_v2": "classifier.1",
 }
+LARGE = {"vgg16_bn"}  # 138M weights: seconds to build and train a step, so not in the fast tier
 
 
-@pytest.mark.parametrize("arch,head", ARCHS.items())
+@pytest.mark.parametrize(
+    "arch,head", [pytest.param(a, h, marks=[pytest.mark.slow] if a in LARGE else []) for a, h in ARCHS.items()]
+)
 def test_every_conv_and_linear_but_the_head_is_masked_and_trains(arch, head):
     model = build_backbone(arch)
     assert head_module_name(model) == head

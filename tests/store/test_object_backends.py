@@ -115,6 +115,7 @@ def test_threads_racing_on_one_tag_exactly_one_wins(store):
         assert store.get("index") == winners[0]
 
 
+@pytest.mark.slow  # forked processes
 def test_processes_racing_on_one_tag_exactly_one_wins(backend, store):
     kind, location = backend
     rounds = 8
@@ -254,6 +255,7 @@ def test_a_stopped_endpoint_is_unavailable_not_a_hang(s3_env, monkeypatch):
         store.put_if("k", b"w", tag)
 
 
+@pytest.mark.slow  # waits out the client's timeout
 def test_a_hung_endpoint_times_out_as_unavailable(s3_env, monkeypatch):
     proxy = TcpProxy(("127.0.0.1", int(s3_env.endpoint.rsplit(":", 1)[1])))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)

@@ -96,7 +96,8 @@ def test_sigkill_at_random_moments_while_storing_a_vgg16_artifact(tmp_path):
     torch.manual_seed(0)
     vgg16 = build_backbone("vgg16")
     size = Preprocess(size=32, grayscale=True, mean=(0.5,) * 3, std=(0.5,) * 3)
-    data = artifact_bytes(random_task_artifact(vgg16, "vgg16", task="big", version=1, preprocess=size))
+    # density 0.5: bits that do not compress (zlib would take seconds on 138M of them and save nothing)
+    data = artifact_bytes(random_task_artifact(vgg16, "vgg16", task="big", version=1, preprocess=size, density=0.5))
     weights = tmp_path / "vgg16.pt"
     torch.save(vgg16.state_dict(), weights)
     del vgg16
