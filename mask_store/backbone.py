@@ -147,7 +147,7 @@ class BackboneLayout:
         for name, module in layers:
             weight = module.weight.detach().to("cpu", torch.float32).contiguous()
             digest.update(f"{name}:{tuple(weight.shape)}".encode())
-            digest.update(weight.numpy().tobytes())
+            digest.update(weight.numpy())  # the buffer itself: no copy of each weight
         return cls(
             arch=arch,
             names=tuple(name for name, _ in layers),

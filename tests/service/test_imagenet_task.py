@@ -3,9 +3,8 @@ and the offline weights file is refused when its sha256 does not match its name.
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from PIL import Image
 
 from mask_store import CorruptWeights, TaskStore, build_backbone, load_artifact, offline_weights
 from tests.support.builders import server_settings
+from tests.support.forked import TRAINING, run_forked
 from tests.support.servers import serve_in_thread
 
 PHOTOS = [Path(sklearn.__file__).parent / "datasets" / "images" / name for name in ("china.jpg", "flower.jpg")]
@@ -37,14 +37,13 @@ def torchvision_probabilities(weights_file: Path, photo: Path) -> torch.Tensor:
     return model.eval()(image[None]).softmax(dim=1)[0]
 
 
-@pytest.mark.slow  # the CLI in a subprocess, a real server, two 224-px forwards of a real backbone
+@pytest.mark.slow  # the CLI in its own process, a real server, two 224-px forwards of a real backbone
 def test_served_imagenet_task_equals_torchvision(tmp_path, weights_file):
     artifact_path = tmp_path / "imagenet.safetensors"
-    subprocess.run(
-        [sys.executable, "-m", "training", "backbone-task", "--backbone", "mobilenet_v2",
-         "--weights", str(weights_file), "--task", "imagenet", "--version", "1", "--out", str(artifact_path)],
-        check=True, timeout=300,
-    )  # fmt: skip
+    done = run_forked(TRAINING, ["backbone-task", "--backbone", "mobilenet_v2", "--weights", str(weights_file),
+                                 "--task", "imagenet", "--version", "1", "--out", str(artifact_path)],
+                      dict(os.environ), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     artifact = load_artifact(artifact_path)
     assert artifact.manifest.labels == tuple(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
     assert (artifact.manifest.preprocess.resize, artifact.manifest.preprocess.size) == (256, 224)
@@ -77,10 +76,8 @@ def test_corrupted_weights_file_is_refused(tmp_path, weights_file):
     copy.write_bytes(bytes(data))
     with pytest.raises(CorruptWeights, match="does not start with b0353104"):
         build_backbone("mobilenet_v2", copy)
-    result = subprocess.run(
-        [sys.executable, "-m", "training", "backbone-task", "--backbone", "mobilenet_v2", "--weights", str(copy),
-         "--out", str(tmp_path / "x.safetensors")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = tmp_path / "x.safetensors"
+    argv = ["backbone-task", "--backbone", "mobilenet_v2", "--weights", str(copy), "--out", str(out)]
+    result = run_forked(TRAINING, argv, dict(os.environ), timeout=300)
     assert result.returncode != 0 and "does not start with b0353104" in result.stderr
-    assert not (tmp_path / "x.safetensors").exists()
+    assert not out.exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mask_store import Preprocess, artifact_bytes, build_backbone
-from mask_store.backbone import maskable_layers
+from mask_store.backbone import BackboneLayout, maskable_layers
 from mask_store.synthetic import random_task_artifact
 from service.engine import Engine
 from service.metrics import Metrics
@@ -30,14 +30,15 @@ def mixed_tasks(model, arch: str, size: int) -> list[bytes]:
     """Three tasks covering what an artifact may substitute: binary and ternary masks, per-task BN and
     the backbone's, a fine-tuned layer, and heads of three sizes."""
     first_layer = next(name for name, _ in maskable_layers(model))
-    preprocess = Preprocess(size=size)
+    layout = BackboneLayout.from_model(arch, model)  # fingerprinted once, not per task
+    common = dict(preprocess=Preprocess(size=size), layout=layout)
     kinds = [  # density 0.5: bits that do not compress, so that storing vgg16's is not seconds of zlib
         dict(kind="binary", per_task_bn=True, labels=("a", "b", "c"), density=0.5),
         dict(kind="ternary", per_task_bn=False, labels=("a", "b"), density=0.5),
-        dict(kind="binary", per_task_bn=False, labels=tuple("abcde"), finetuned=(first_layer,), density=0.9),
+        dict(kind="binary", per_task_bn=False, labels=tuple("abcde"), finetuned=(first_layer,), density=0.5),
     ]
     return [
-        artifact_bytes(random_task_artifact(model, arch, task=f"t{i}", seed=i, preprocess=preprocess, **kind))
+        artifact_bytes(random_task_artifact(model, arch, task=f"t{i}", seed=i, **common, **kind))
         for i, kind in enumerate(kinds)
     ]
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -15,7 +12,7 @@ from PIL import Image
 from mask_store import build_backbone, load_artifact, replace_head
 from tests.support.builders import ADMIN_TOKEN, run_training_cli, write_digits_imagefolder
 from tests.support.reference_model import dedicated_network, expected_probabilities
-from tests.support.servers import free_port, wait_ready
+from tests.support.servers import start_service, stop_process
 
 
 @pytest.fixture
@@ -23,27 +20,11 @@ def server_process(tmp_path):
     model = build_backbone("resnet18")
     replace_head(model, 10)
     torch.save(model.state_dict(), tmp_path / "bb.pt")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PIGGYBACK_BACKBONE": "resnet18",
-        "PIGGYBACK_WEIGHTS": str(tmp_path / "bb.pt"),
-        "PIGGYBACK_STORE": str(tmp_path / "store"),
-        "PIGGYBACK_ADMIN_TOKEN": ADMIN_TOKEN,
-        "PIGGYBACK_PORT": str(port),
-        "PIGGYBACK_HOST": "127.0.0.1",
-        "PIGGYBACK_DEVICE": "cpu",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
+    process, port = start_service(tmp_path / "store", tmp_path / "bb.pt", log_level="info")
     try:
-        wait_ready(base, process=process)
-        yield base, tmp_path, model
+        yield f"http://127.0.0.1:{port}", tmp_path, model
     finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
+        output = stop_process(process, grace_s=30)
         # graceful shutdown on SIGTERM (uvicorn re-raises the signal once it has shut down cleanly)
         assert process.returncode in (0, -15) and "Application shutdown complete" in output, output
 

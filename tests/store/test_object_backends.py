@@ -16,8 +16,8 @@ import pytest
 
 from mask_store.object_location import open_objects
 from mask_store.objects import TEMP_PREFIX, LocalObjects, ObjectConflict, ObjectStore, StoreUnavailable
+from tests.support.forked import forked_processes
 from tests.support.object_workers import content, is_complete, race
-from tests.support.servers import forked_processes
 from tests.support.tcp_proxy import TcpProxy
 
 WORKERS = Path(__file__).resolve().parents[1] / "support" / "object_workers.py"

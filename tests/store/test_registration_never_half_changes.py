@@ -19,7 +19,8 @@ from service.app import create_app
 from tests.store.test_artifacts import edit_manifest
 from tests.store.test_store_rules import visible
 from tests.support.builders import ADMIN_TOKEN, server_settings
-from tests.support.servers import forked_processes, png_bytes, serve_in_thread, service_process
+from tests.support.forked import forked_processes
+from tests.support.servers import png_bytes, serve_in_thread, service_process
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 
 import torch
 
 from mask_store.synthetic import SMALL_GRAY, random_task_artifact  # noqa: F401  (re-exported for the tests)
+from tests.support.forked import TRAINING, run_forked
 
 TINY_PREPROCESS = SMALL_GRAY  # 16 px grayscale: every test model runs fast
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -43,15 +46,13 @@ def write_digits_imagefolder(root, count: int = 300, seed: int = 0) -> None:
     write_image_folder(val, root, "val")
 
 
-def run_training_cli(weights, data, task: str, out, *extra: str):
-    """`python -m training train` on resnet18 at 16px grayscale for one epoch, as a user would run it."""
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "training", "train", "--backbone", "resnet18", "--weights", str(weights),
-               "--data", str(data), "--task", task, "--out", str(out), "--epochs", "1", "--image-size", "16",
-               "--grayscale", "--no-progress", *extra]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+def run_training_cli(weights, data, task: str, out, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m training train` on resnet18 at 16px grayscale for one epoch, in its own process (forked:
+    `tests.support.forked`) as a user would run it."""
+    argv = ["train", "--backbone", "resnet18", "--weights", str(weights), "--data", str(data), "--task", task,
+            "--out", str(out), "--epochs", "1", "--image-size", "16", "--grayscale", "--no-progress",
+            *extra]  # fmt: skip
+    return run_forked(TRAINING, argv, dict(os.environ), timeout=300)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -1,16 +1,14 @@
-"""Helpers to run the real server (in a thread or a subprocess) and to make image uploads."""
+"""Helpers to run the real server (in process, in a thread or in its own process) and to make image uploads."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import multiprocessing
 import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +20,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
+from tests.support.forked import SERVICE, ForkedProcess
 from tests.support.http_guard import SERVICE_URLS
 
 
@@ -48,7 +47,8 @@ def wait_ready(base_url: str, timeout: float = 120.0, process=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            output = process.output() if isinstance(process, ForkedProcess) else ""
+            raise RuntimeError(f"server exited with {process.returncode}\n{output}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return
@@ -101,15 +101,6 @@ def serve_in_thread(settings: Settings, app: FastAPI | None = None):
         SERVICE_URLS.discard(base)
 
 
-def forked_processes():
-    """A multiprocessing context whose processes fork from one server process that imported mask_store
-    (and the object-store workers) once: a test starting many real processes pays a fork each, not the
-    4 s of importing torch, and no child inherits the test process's thread pools."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mask_store", "tests.support.object_workers"])
-    return context
-
-
 def png_bytes(seed: int = 0, size: int = 16, mode: str = "L") -> bytes:
     rng = np.random.default_rng(seed)
     shape = (size, size) if mode == "L" else (size, size, 3)
@@ -127,20 +118,13 @@ def jpeg_bytes(seed: int = 0, size: int = 64) -> bytes:
 
 @contextlib.contextmanager
 def service_process(env: dict[str, str], timeout: float = 120.0):
-    """`python -m service` as a user runs it, configured by PIGGYBACK_* variables; yields its base URL.
-
-    Stopped with SIGTERM (then SIGKILL) even when the test fails.
+    """`python -m service`'s main in a real process (forked: `tests.support.forked`), configured by
+    PIGGYBACK_* variables; yields its base URL. Stopped with SIGTERM (then SIGKILL) even when the test fails.
     """
-    import os
-    import subprocess
-    import sys
-
     port = free_port()
     full_env = {**os.environ, "PIGGYBACK_HOST": "127.0.0.1", "PIGGYBACK_PORT": str(port), "PIGGYBACK_DEVICE": "cpu"}
     full_env.update(env)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = ForkedProcess(SERVICE, full_env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, timeout=timeout, process=process)
@@ -149,16 +133,19 @@ def service_process(env: dict[str, str], timeout: float = 120.0):
         stop_process(process, grace_s=30)
 
 
-def stop_process(process, grace_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `grace_s`."""
-    import subprocess
-
+def stop_process(process, grace_s: float) -> str:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s`; what a forked service wrote."""
     process.terminate()
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    if not isinstance(process, ForkedProcess):
+        return ""
+    output = process.output(tail=100_000)
+    process.forget_output()
+    return output
 
 
 def metric(base: str, name: str, **labels) -> float:
@@ -180,10 +167,10 @@ def wait_until(condition, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-def start_service(store, weights, wait: bool = True, **settings: str) -> tuple[subprocess.Popen, int]:
-    """`python -m service` on a resnet18 (unless `backbone=` says otherwise), configured by `settings`
-    (lowercase PIGGYBACK_* names); returns once ready (unless not `wait`). The caller stops it
-    (`stop_process`)."""
+def start_service(store, weights, wait: bool = True, **settings: str) -> tuple[ForkedProcess, int]:
+    """`python -m service`'s main in a real process (forked) on a resnet18 (unless `backbone=` says
+    otherwise), configured by `settings` (lowercase PIGGYBACK_* names); returns once ready (unless not
+    `wait`). The caller stops it (`stop_process`)."""
     from tests.support.builders import ADMIN_TOKEN
 
     port = free_port()
@@ -199,7 +186,7 @@ def start_service(store, weights, wait: bool = True, **settings: str) -> tuple[s
         "PIGGYBACK_LOG_LEVEL": "warning",
         **{f"PIGGYBACK_{name.upper()}": value for name, value in settings.items()},
     }
-    process = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    process = ForkedProcess(SERVICE, env)
     if not wait:
         SERVICE_URLS.add(f"http://127.0.0.1:{port}")
         return process, port

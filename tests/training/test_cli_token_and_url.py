@@ -4,15 +4,15 @@ URL are one line and exit status 2 before training; uploading the artifact the s
 store is the one `--out s3://` published to) succeeds, and another artifact at that version is a 409.
 
 The server is `python -m service` as a process over a store on a real S3 server (moto); the commands
-that talk to it run as `python -m training` processes. The refusals before anything runs call the
-CLI's `main` in this process (what they hold is the CLI's own checks, not the interpreter start).
+that talk to it run as `python -m training` processes (both forked: `tests.support.forked`). The
+refusals before anything runs call the CLI's `main` in this process (what they hold is the CLI's own
+checks, not the interpreter start).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import httpx
@@ -22,6 +22,7 @@ from mask_store import TaskStore, load_artifact, save_artifact
 from mask_store.artifact import artifact_identity
 from mask_store.synthetic import random_task_artifact
 from tests.support.builders import ADMIN_TOKEN, run_cli, run_training_cli, write_digits_imagefolder
+from tests.support.forked import TRAINING, run_forked
 from tests.support.servers import service_process
 
 TOKEN_VARIABLE = "PIGGYBACK_ADMIN_TOKEN"
@@ -30,8 +31,7 @@ TOKEN_VARIABLE = "PIGGYBACK_ADMIN_TOKEN"
 def training_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m training ARGV`; `env` replaces PIGGYBACK_ADMIN_TOKEN (None: left unset)."""
     full_env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE} | (env or {})
-    command = [sys.executable, "-m", "training", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=full_env)
+    return run_forked(TRAINING, list(argv), full_env, timeout=300)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from mask_store import TaskStore, artifact_bytes, build_transform
 from tests.support.builders import random_task_artifact
-from tests.support.servers import free_port, jpeg_bytes, png_bytes, wait_ready
+from tests.support.servers import jpeg_bytes, png_bytes, start_service, stop_process
 
 pytestmark = pytest.mark.slow  # starts the server as its own process
 
@@ -34,28 +33,11 @@ def server(tmp_path_factory, backbone_file, resnet18):
     store = tmp_path_factory.mktemp("store")
     artifact = random_task_artifact(resnet18, "resnet18", task="alpha", version=3, labels=LABELS, seed=4)
     TaskStore(store).put(artifact_bytes(artifact))
-    port = free_port()
-    env = {
-        **os.environ,
-        "PIGGYBACK_BACKBONE": "resnet18",
-        "PIGGYBACK_WEIGHTS": str(backbone_file),
-        "PIGGYBACK_STORE": str(store),
-        "PIGGYBACK_HOST": "127.0.0.1",
-        "PIGGYBACK_PORT": str(port),
-        "PIGGYBACK_DEVICE": "cpu",
-        "PIGGYBACK_MAX_IMAGES_PER_REQUEST": "4",
-        "PIGGYBACK_MAX_REQUEST_BYTES": str(1024 * 1024),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
+    process, port = start_service(store, backbone_file, max_images_per_request="4", max_request_bytes=str(1024 * 1024))
     try:
-        wait_ready(base, process=process)
-        yield base, artifact
+        yield f"http://127.0.0.1:{port}", artifact
     finally:
-        process.terminate()
-        log = process.communicate(timeout=30)[1]
+        log = stop_process(process, grace_s=30)
         assert "Traceback" not in log, log  # no request on these routes may crash a handler
 
 
