@@ -10,6 +10,7 @@ has not been (fully) sent.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import secrets
@@ -32,8 +33,13 @@ from mask_store import TaskStore, artifact_bytes
 from tests.support.builders import ADMIN_TOKEN, random_task_artifact, server_settings
 from tests.support.servers import free_port, metric, png_bytes, serve_in_thread
 
-pytest.importorskip("ray.serve", reason="ray is the optional extra: pip install -e '.[ray]'")
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+# ray is looked up, not imported: collecting this file costs every test worker nothing
+NO_RAY = importlib.util.find_spec("ray") is None
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.serial,
+    pytest.mark.skipif(NO_RAY, reason="ray is the optional extra: pip install -e '.[ray]'"),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
