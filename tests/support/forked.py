@@ -35,7 +35,11 @@ def forked_processes():
     return context
 
 
-def _remove(*paths: Path) -> None:
+def _close(process: multiprocessing.Process, *paths: Path) -> None:
+    """Kill the process if it still runs (a test that failed before stopping it), then remove its output."""
+    if process.exitcode is None:
+        process.kill()
+        process.join()
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -67,14 +71,14 @@ class ForkedProcess:
     def __init__(self, entry: str, env: dict[str, str], argv: list[str] | None = None, split_output: bool = False):
         self.stdout_file = _output_file("out")
         self.stderr_file = _output_file("err") if split_output else self.stdout_file
-        self.forget_output = weakref.finalize(
-            self, _remove, self.stdout_file, self.stderr_file
-        )  # at the latest at exit
         self.args = [entry, *(argv or [])]
         files = (str(self.stdout_file), str(self.stderr_file))
         self._process = forked_processes().Process(target=_run_main, args=(entry, argv, env, *files))
         self._process.start()
         self.pid = self._process.pid
+        # called once the output is read; else when the object goes, or at exit before multiprocessing would
+        # wait for a forgotten server: nothing a test started outlives it
+        self.close = weakref.finalize(self, _close, self._process, self.stdout_file, self.stderr_file)
 
     @property
     def returncode(self) -> int | None:
@@ -115,5 +119,5 @@ def run_forked(entry: str, argv: list[str], env: dict[str, str], timeout: float)
         raise
     finally:
         out, err = (path.read_text(errors="replace") for path in (process.stdout_file, process.stderr_file))
-        process.forget_output()
+        process.close()
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)

@@ -144,7 +144,7 @@ def stop_process(process, grace_s: float) -> str:
     if not isinstance(process, ForkedProcess):
         return ""
     output = process.output(tail=100_000)
-    process.forget_output()
+    process.close()
     return output
 
 
